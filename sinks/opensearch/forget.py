@@ -17,7 +17,11 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
 - remembers the subject (:class:`Forgotten`), so that a face observation of it written later (a replay, a
   lagging partition, a case updated after the forget) is dropped or stripped at write time instead of
   bringing it back; an ``ENROLL`` of the same subject id after the forget lifts it for what comes from then on
-  (:func:`enrolment_of`: a new entry, as the Webex eraser reads it).
+  (:func:`enrolment_of`: a new entry, as the Webex eraser reads it);
+- remembers, for :data:`SIGHTING_MEMORY_MS`, the image refs and transaction ids of the sightings the job matched to
+  the subject (found by the forget, or named by an alert or decision of the subject the sink reads after it): such an
+  observation names nobody, so one read after the forget was indexed until its retention; it is now dropped at write
+  time, and one indexed before the alert or decision that names its subject came is deleted then.
 
 Why ``audit`` rather than the ``watchlist`` tombstones: the tombstone is compacted away about a day after the
 forget (``delete.retention.ms``), while ``face_observations`` segments and the 30-day ``alerts`` and compacted
@@ -55,6 +59,7 @@ from schemas.indices import (
     enrolment_transaction,
     index_name,
 )
+from schemas.topics import FACE_OBSERVATIONS, readable_for_ms
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,12 @@ below OpenSearch's ``index.max_terms_count`` (65,536)."""
 
 MAX_REFUSALS_KEPT = 20
 """Refused write-backs a report names (its dead letter's reason); the count covers the rest."""
+
+SIGHTING_MEMORY_MS = readable_for_ms(FACE_OBSERVATIONS)
+"""How long, from when it learnt them, the sink remembers what names a forgotten subject's matched sighting (an image
+ref, a transaction id): as long as a face observation can still be read from ``face_observations`` after it was
+written (its retention and its hour's segment, both set on the topic). A sighting's observation is on the topic before
+the alert and the decision that name its subject (the job matches the observation), so it cannot be read after."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,15 @@ class Forgotten:
     the subject stayed forgotten)."""
     sale_subject: dict[str, str] = field(default_factory=dict)
     """Enrolment sale -> the subject enrolled from it."""
+    sightings: dict[str, dict[str, int]] = field(default_factory=dict)
+    """A face observation's field (``image_ref``, ``transaction_id``) -> values naming a forgotten subject's matched
+    sighting -> until when they are remembered (ms): :data:`SIGHTING_MEMORY_MS` after they were learnt."""
+    learnt: dict[str, set[str]] = field(default_factory=dict)
+    """Such values first named by an alert or decision read since the last :meth:`take_learnt`: an observation of
+    theirs indexed before it (read earlier, or earlier in its batch) is to be deleted."""
+    sighting_ms: int = SIGHTING_MEMORY_MS
+    sightings_due: float = field(default=float("inf"), repr=False)
+    """The earliest ``until`` of :attr:`sightings`: :meth:`prune_sightings` looks only from then."""
     dropped: int = 0
     """Documents not indexed since the last :meth:`take_counts` (a forgotten subject's face observations)."""
     stripped: int = 0
@@ -170,10 +190,74 @@ class Forgotten:
         return lifted is None or not isinstance(time, int) or time < lifted
 
     def erases(self, route: Route, record: dict[str, Any]) -> bool:
-        """Whether ``record`` of ``route`` is a forgotten subject's face, never to be indexed."""
+        """Whether ``record`` of ``route`` is a forgotten subject's face, never to be indexed: its subject's or its
+        enrolment sale's, or a sighting the job matched to a forgotten subject (:attr:`sightings`)."""
         if not route.erased_with_subject or route.subject_field is None:
             return False
-        return self._reaches(route, record)
+        return self._reaches(route, record) or any(
+            isinstance(value := record.get(name), str) and value in self.sightings.get(name, {})
+            for name in SIGHTING_FIELDS.values()
+        )
+
+    def drops(self, route: Route, record: dict[str, Any], now_ms: int) -> bool:
+        """At write time: whether ``record`` is left out (:meth:`erases`, counted in :attr:`dropped`); an alert or
+        decision kept teaches its sighting (:meth:`note_sighting`)."""
+        if self.erases(route, record):
+            self.dropped += 1
+            return True
+        self.note_sighting(route, record, now_ms)
+        return False
+
+    def remember(self, sightings: Mapping[str, Iterable[str]], now_ms: int) -> None:
+        """Remember values (observation field -> values, as :func:`matched_sightings` gives them) that name forgotten
+        subjects' matched sightings until :attr:`sighting_ms` after ``now_ms``."""
+        until = now_ms + self.sighting_ms
+        for name, values in sightings.items():
+            known = self.sightings.setdefault(name, {})
+            for value in values:
+                known[value] = max(known.get(value, until), until)
+        if any(sightings.values()):
+            self.sightings_due = min(self.sightings_due, until)
+
+    def note_sighting(self, route: Route, record: dict[str, Any], now_ms: int) -> bool:
+        """Whether ``record``, an alert or decision of ``route`` (:data:`SIGHTING_LINKS`), names a forgotten subject's
+        matched sighting that the forget reaches (not one of a new entry): its image ref and transaction id are
+        remembered, and those not known yet listed for :meth:`take_learnt`."""
+        link = SIGHTING_SOURCES.get(route.kind)
+        subject = record.get(link[0]) if link is not None else None
+        if link is None or not isinstance(subject, str) or subject not in self.forgotten_at:
+            return False
+        lifted, time = self.lifted_at(subject), record.get("event_time")
+        if lifted is not None and isinstance(time, int) and time >= lifted:
+            return False  # a sighting of the new entry
+        found = {
+            SIGHTING_FIELDS[name]: value for name in link[1] if isinstance(value := record.get(name), str) and value
+        }
+        for name, value in found.items():
+            if value not in self.sightings.get(name, {}):
+                self.learnt.setdefault(name, set()).add(value)
+        self.remember({name: [value] for name, value in found.items()}, now_ms)
+        return bool(found)
+
+    def take_learnt(self) -> dict[str, list[str]]:
+        """The values :meth:`note_sighting` learnt since the last call (observation field -> values)."""
+        learnt, self.learnt = self.learnt, {}
+        return {name: sorted(values) for name, values in learnt.items() if values}
+
+    def prune_sightings(self, now_ms: int) -> None:
+        """Forget the sighting values remembered until ``now_ms`` or before: no observation of theirs is left."""
+        if now_ms < self.sightings_due:
+            return
+        due = float("inf")
+        for known in self.sightings.values():
+            for value in [value for value, until in known.items() if until <= now_ms]:
+                del known[value]
+            due = min(due, *known.values()) if known else due
+        self.sightings_due = due
+
+    def recent(self, since_ms: int) -> list[Forget]:
+        """The subjects forgotten at ``since_ms`` or later, as forgets (for :func:`matched_sightings`)."""
+        return [Forget(subject, None, "", at) for subject, at in sorted(self.forgotten_at.items()) if at >= since_ms]
 
     def scrub(self, route: Route, source: dict[str, Any]) -> bool:
         """Remove the face fields of a forgotten subject's document, or of one about its enrolment sale (the
@@ -266,6 +350,9 @@ class EraseReport:
     """``<index>/<id>: <status> <error type>: <reason>`` of the first refusals (ids only, no document)."""
     problem: str | None = None
     """Why this round must be repeated (429 / 5xx on some document); ``None`` when it is done."""
+    sightings: dict[str, list[str]] = field(default_factory=dict)
+    """What names the sightings the job matched to the forgotten subjects (:func:`matched_sightings`), for
+    :meth:`Forgotten.remember`: their observations may still be read after the forget."""
 
     def total(self) -> int:
         return sum(self.deleted.values()) + sum(self.stripped.values())
@@ -295,20 +382,36 @@ def erase_forgotten(
         _erase_route(client, route, index_prefix, forgets, lifted, report)
     if erased:
         try:
-            sightings = matched_sightings(client, index_prefix, forgets, lifted)
+            report.sightings = matched_sightings(client, index_prefix, forgets, lifted)
         except ScanError as exc:  # some shard did not answer: a sighting it holds was not found
             report.problem = f"scan incomplete: {exc}"
             return report
-        for route in erased:
-            for field_name, values in sightings.items():
-                for start in range(0, len(values), TERMS_PER_QUERY):
-                    query = {"query": {"terms": {field_name: values[start : start + TERMS_PER_QUERY]}}}
-                    _erase_in(client, route, route.index(index_prefix), query, report)
+        erase_sightings(client, index_prefix, report.sightings, erased, report)
     if report.problem:
         return report  # the caller repeats the round
     for route in routes:
         if not route.erased_with_subject:
             _erase_route(client, route, index_prefix, forgets, lifted, report)
+    return report
+
+
+def erase_sightings(
+    client: OpenSearch,
+    index_prefix: str,
+    sightings: Mapping[str, Sequence[str]],
+    routes: Sequence[Route] = ROUTES,
+    report: EraseReport | None = None,
+) -> EraseReport:
+    """Delete the face observations ``sightings`` name (observation field -> values, :func:`matched_sightings`) in
+    every index of the prefix; raises and reports as :func:`erase_forgotten` does."""
+    report = report if report is not None else EraseReport()
+    for route in routes:
+        if not route.erased_with_subject:
+            continue
+        for field_name, values in sightings.items():
+            for start in range(0, len(values), TERMS_PER_QUERY):
+                query = {"query": {"terms": {field_name: list(values[start : start + TERMS_PER_QUERY])}}}
+                _erase_in(client, route, route.index(index_prefix), query, report)
     return report
 
 
@@ -336,6 +439,8 @@ face observation)``. An alert of the subject shows the matched observation's ima
 ``image_ref``) and, at a checkout, its transaction; a decided transaction names the subject its face matched."""
 SIGHTING_FIELDS = {"snapshot_ref": "image_ref", "transaction_id": "transaction_id"}
 """A link's field -> the face observation's field holding the same value."""
+SIGHTING_SOURCES = {kind: (subject_field, fields) for kind, subject_field, fields in SIGHTING_LINKS}
+"""Index kind -> (its subject field, the fields that name the matched face observation)."""
 
 
 def matched_sightings(

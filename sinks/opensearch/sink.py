@@ -21,7 +21,9 @@ Forget: the sink also reads ``audit`` for the watchlist service's ``FORGET`` / `
 subject's face observations (its enrolment sale's, and the sightings the job matched to it) and the image refs of
 its alerts and cases, before the
 batch's offsets are committed; every forgotten subject is remembered (``audit`` is read from its start when the
-sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`).
+sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`), and for a day what names the
+sightings the job matched to it (image refs, transactions), whose observations name nobody: one read late is left
+out, or deleted once the alert or decision naming its subject comes.
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
@@ -87,7 +89,7 @@ import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
-from opensearchpy.helpers import scan, streaming_bulk
+from opensearchpy.helpers import ScanError, scan, streaming_bulk
 
 from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
@@ -117,7 +119,16 @@ from schemas.indices import (
 )
 from schemas.records import FRAUD, LEGITIMATE, DeadLetter
 from schemas.topics import AUDIT, DEAD_LETTERS
-from sinks.opensearch.forget import Forget, Forgotten, enrolment_of, erase_forgotten, forget_of
+from sinks.opensearch.forget import (
+    EraseReport,
+    Forget,
+    Forgotten,
+    enrolment_of,
+    erase_forgotten,
+    erase_sightings,
+    forget_of,
+    matched_sightings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +542,7 @@ def to_actions(
             dead.append(dead_letter_for(message, UNKNOWN_TOPIC, f"no index for topic {message.topic()!r}", now))
             continue
         try:
-            op = _operation(message, route, index_prefix, period, include_private, customer_key_secret, forgotten)
+            op = _operation(message, route, index_prefix, period, include_private, customer_key_secret, forgotten, now)
         except _Unusable as exc:
             dead.append(dead_letter_for(message, exc.kind, exc.reason, now))
             continue
@@ -565,9 +576,11 @@ def _operation(
     include_private: bool,
     customer_key_secret: str | None = None,
     forgotten: Forgotten | None = None,
+    now_ms: int = 0,
 ) -> dict[str, Any] | None:
     """The bulk operation for one message of ``route``, ``None`` for a forgotten subject's face; raises
-    :class:`_Unusable` with the dead letter's reason."""
+    :class:`_Unusable` with the dead letter's reason. An alert or decision of a forgotten subject teaches
+    ``forgotten`` its sighting (:meth:`~sinks.opensearch.forget.Forgotten.note_sighting`, at ``now_ms``)."""
     versioned = {"version": message.offset() or 0, "version_type": "external_gte"} if route.keyed else {}
     if route.keyed and message.value() is None:  # a tombstone: the key's document goes
         index = route.write_index(index_prefix, 0, period)
@@ -595,8 +608,7 @@ def _operation(
     check = RECORD_CHECKS.get(route.kind)
     if check is not None:
         check(record)
-    if forgotten is not None and forgotten.erases(route, record):
-        forgotten.dropped += 1
+    if forgotten is not None and forgotten.drops(route, record, now_ms):  # before the scrub: an image ref names it
         return None
     if (version_field := VERSIONED_BY.get(route.kind)) is not None:
         versioned = {"version": _record_version(record, version_field), "version_type": "external_gte"}
@@ -1052,6 +1064,7 @@ class OpenSearchSink:
         try:
             self._retry_until_done("install index templates", self._install_templates)
             self._load_forgotten()
+            self._recall_sightings()
             self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             last_summary, last_indexed = time.monotonic(), 0
             self._apply_retention()
@@ -1205,6 +1218,7 @@ class OpenSearchSink:
         started = time.perf_counter()
         for kind, count in Counter(self._kinds.get(m.topic() or "", "unknown") for m in batch).items():
             metrics.RECORDS_IN.labels(STAGE, kind).inc(count)
+        self.forgotten.prune_sightings(clock.now_ms())
         audit = [m for m in batch if m.topic() == self._audit_topic]
         records = [m for m in batch if m.topic() != self._audit_topic] if audit else batch
         carrying = [(m, f) for m, f in ((m, forget_of(m.value())) for m in audit) if f is not None]
@@ -1229,6 +1243,8 @@ class OpenSearchSink:
             metrics.SKIPPED.labels(STAGE, "forgotten_subject").inc(dropped + stripped)
         self.stats.superseded += len(records) - len(actions) - len(dead) - dropped
         dead += self._index_until_acknowledged(actions)
+        if learnt := self.forgotten.take_learnt():  # sightings of forgotten subjects indexed before their alert came
+            self._erase_sightings_until_done(learnt)
         if forgets:
             dead += self._erase_until_done(forgets, [m for m, _ in carrying])
         if dead:
@@ -1318,9 +1334,8 @@ class OpenSearchSink:
             except TransportError as exc:
                 report, problem = None, _short(exc)
             if report is not None:
-                for kind, count in (report.deleted + report.stripped).items():
-                    metrics.RECORDS_OUT.labels(STAGE, f"forgotten_{kind}").inc(count)
-                self.stats.erased += report.total()
+                self._count_erased(report)
+                self.forgotten.remember(report.sightings, clock.now_ms())  # read after the forget, not indexed
                 failed, refusals = report.failed, report.refusals
             if problem is None:
                 break
@@ -1345,6 +1360,54 @@ class OpenSearchSink:
         reason = f"OpenSearch refused {failed} write-back(s) of this forget for good: " + "; ".join(refusals) + more
         now = clock.now_ms()
         return [dead_letter_for(message, FORGET_INCOMPLETE, reason, now) for message in messages]
+
+    def _count_erased(self, report: EraseReport) -> None:
+        for kind, count in (report.deleted + report.stripped).items():
+            metrics.RECORDS_OUT.labels(STAGE, f"forgotten_{kind}").inc(count)
+        self.stats.erased += report.total()
+
+    def _erase_sightings_until_done(self, sightings: dict[str, list[str]]) -> None:
+        """Delete the face observations of forgotten subjects' sightings that were indexed before the alert or decision
+        naming their subject came (:meth:`~sinks.opensearch.forget.Forgotten.note_sighting`), until OpenSearch has
+        done it; the batch's offsets are committed only then. A delete refused for good is logged (its id) by the
+        erase and the next forget of the subject, or its retention, takes the observation."""
+        attempt = 0
+        while True:
+            try:
+                report = erase_sightings(self.client, self.index_prefix, sightings)
+                problem = report.problem
+            except TransportError as exc:
+                report, problem = None, _short(exc)
+            if report is not None:
+                self._count_erased(report)
+            if problem is None:
+                return
+            attempt = self._back_off(
+                f"OpenSearch unreachable: {problem}",
+                attempt,
+                "face observations of forgotten subjects not deleted yet (%s), offsets not committed",
+                problem,
+            )
+
+    def _recall_sightings(self) -> None:
+        """After a start: what names the sightings of the subjects forgotten in the last two
+        :data:`~sinks.opensearch.forget.SIGHTING_MEMORY_MS` (one for their observations to be read, one for the job
+        to have matched them before it read the forget), found again in the indices, since what the sink had learnt
+        went with its restart. A forget's strip removed its alerts' image refs: found again are the transactions
+        (its alerts' and those decided with its face), not an entrance sighting's image."""
+        now = clock.now_ms()
+        recent = self.forgotten.recent(now - 2 * self.forgotten.sighting_ms)
+        if not recent:
+            return
+        found: dict[str, list[str]] = {}
+
+        def find() -> None:
+            found.update(matched_sightings(self.client, self.index_prefix, recent, self.forgotten.enrolled_at))
+
+        self._retry_until_done("finding the sightings of recent forgets", find)
+        self.forgotten.remember(found, now)
+        count = sum(map(len, found.values()))
+        log.info("sightings of %d recently forgotten subject(s) remembered: %d", len(recent), count)
 
     def _publish_dead_letters(self, dead: list[DeadLetter]) -> None:
         """Produce and confirm every dead letter before the batch counts as done; re-produce failures."""
@@ -1465,7 +1528,8 @@ class OpenSearchSink:
             self._carry += self._usable(self._consumer.consume(num_messages=self.max_docs, timeout=min(remaining, 0.5)))
 
     def _retry_until_done(self, what: str, step: Callable[[], None]) -> None:
-        """Run ``step`` until it succeeds, backing off on OpenSearch errors (used before subscribing)."""
+        """Run ``step`` until it succeeds, backing off on OpenSearch errors and scans some shard did not answer
+        (used before subscribing)."""
 
         def failed(exc: BaseException, attempt: int, delay: float) -> None:
             self.stats.retries += 1
@@ -1478,7 +1542,7 @@ class OpenSearchSink:
 
         call_with_retries(
             step,
-            retriable=lambda exc: isinstance(exc, TransportError),
+            retriable=lambda exc: isinstance(exc, TransportError | ScanError),
             wait=lambda n: self.backoff.delay(n, self._rng),
             sleep=wait,
             before_sleep=failed,

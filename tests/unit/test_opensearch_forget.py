@@ -823,3 +823,130 @@ def test_a_subject_enrolled_again_after_its_forget_is_indexed_again_from_that_en
     faces = {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
     assert {"e:new", "e:later"} <= faces and "entrance:1" not in faces  # the old entry's faces went
     assert wrapped.sink.stats.forgotten_on_write == 0
+
+
+# --------------------------------------------------------------------------- a late sighting of a forgotten subject
+
+
+def _messages(kind: str, records: list[Any], first_offset: int = 20) -> list[Message]:
+    topic = ROUTE[kind].topic.full_name("")
+    return [Message(topic=topic, partition=0, offset=first_offset + n, value=r.encode()) for n, r in enumerate(records)]
+
+
+def _faces(cluster: FakeCluster) -> set[str]:
+    return {doc_id for (index, doc_id) in cluster.docs if "-face_observations-" in index}
+
+
+def test_a_sighting_the_job_matched_read_after_the_forget_is_not_indexed() -> None:
+    """With the local backend the observation of a sighting names nobody: one read after the forget (a lagging
+    ``face_observations`` partition, a replay) was indexed until its retention, image ref and all. The forget's alerts
+    and decisions named it: the sink remembers their image refs and transactions and leaves it out."""
+    cluster = populated()
+    local_sightings(cluster)
+    for doc_id in ("checkout:tx-30", "entrance:Q2:7:1", "checkout:tx-31"):  # not read yet: the partition lags
+        cluster.docs = {key: doc for key, doc in cluster.docs.items() if key[1] != doc_id}
+    wrapped = _Sink(cluster)
+    wrapped.sink._process([Message(topic=AUDIT.full_name(""), partition=0, offset=3, value=audit())])
+    late = [
+        observation("checkout:tx-30", tx="tx-30"),
+        observation("entrance:Q2:7:1"),
+        observation("checkout:tx-31", tx="tx-31"),
+    ]
+    wrapped.sink._process(_messages("face_observations", [*late, observation("checkout:tx-50", tx="tx-50")]))
+    assert _faces(cluster) == {"checkout:tx-21", "checkout:tx-22", "checkout:tx-50"}
+    assert wrapped.sink.stats.forgotten_on_write == 3
+
+
+def test_a_sighting_indexed_before_the_alert_or_decision_naming_its_forgotten_subject_is_deleted_when_it_comes() -> (
+    None
+):
+    """After the forget the topics are read in no fixed order (a group reset, a lagging partition): an observation read
+    before the alert or decision that names its subject was indexed; it goes when that comes, and a replay of it stays
+    out."""
+    from tests.unit.test_opensearch_sink import scored
+
+    cluster = FakeCluster()
+    wrapped = _Sink(cluster)
+    wrapped.sink._process([Message(topic=AUDIT.full_name(""), partition=0, offset=3, value=audit())])
+    entrance, checkout = observation("entrance:Q2:8:1"), observation("checkout:tx-40", tx="tx-40")
+    wrapped.sink._process(
+        _messages("face_observations", [entrance, checkout, observation("checkout:tx-41", tx="tx-41")])
+    )
+    assert _faces(cluster) == {"entrance:Q2:8:1", "checkout:tx-40", "checkout:tx-41"}  # nothing names them yet
+    alert = dataclasses.replace(
+        face_alert("watchlist:entrance:Q2:8:1:" + SUBJECT, SUBJECT), snapshot_ref=entrance.image_ref
+    )
+    decided = scored("tx-40", face_status="MATCHED", face_subject_id=SUBJECT, face_category="SUSPECT")
+    wrapped.sink._process(_messages("alerts", [alert]) + _messages("transactions", [decided]))
+    assert _faces(cluster) == {"checkout:tx-41"}
+    assert "snapshot_ref" not in next(s for (_, d), s in cluster.docs.items() if d == alert.alert_id)
+    wrapped.sink._process(_messages("face_observations", [entrance, checkout], first_offset=40))  # a replay
+    assert _faces(cluster) == {"checkout:tx-41"}
+
+
+def test_sightings_are_remembered_for_the_observations_readable_time_and_not_for_a_subject_enrolled_again() -> None:
+    from sinks.opensearch.forget import SIGHTING_MEMORY_MS
+
+    assert SIGHTING_MEMORY_MS == 25 * HOUR  # face_observations' day of retention and its hour's segment
+    forgotten = Forgotten()
+    forgotten.add(forget_of(audit_at("FORGET", T0 + HOUR)))  # type: ignore[arg-type]
+    forgotten.enrol(SUBJECT, T0 + 2 * HOUR)
+    alerts, faces = ROUTE["alerts"], ROUTE["face_observations"]
+    before = {"subject_id": SUBJECT, "event_time": T0, "snapshot_ref": "entrance/old.jpg", "transaction_id": None}
+    after = {**before, "event_time": T0 + 3 * HOUR, "snapshot_ref": "entrance/new.jpg"}
+    assert forgotten.note_sighting(alerts, before, T0 + 4 * HOUR) and not forgotten.note_sighting(
+        alerts, after, T0 + 4 * HOUR
+    )
+    assert forgotten.take_learnt() == {"image_ref": ["entrance/old.jpg"]} and forgotten.take_learnt() == {}
+    sighting = {"observation_id": "e:1", "event_time": T0, "image_ref": "entrance/old.jpg"}
+    assert forgotten.erases(faces, sighting) and not forgotten.erases(
+        faces, {**sighting, "image_ref": "entrance/new.jpg"}
+    )
+    forgotten.prune_sightings(T0 + 4 * HOUR + SIGHTING_MEMORY_MS - 1)
+    assert forgotten.erases(faces, sighting)
+    forgotten.prune_sightings(T0 + 4 * HOUR + SIGHTING_MEMORY_MS)
+    assert not forgotten.erases(faces, sighting) and forgotten.sightings == {"image_ref": {}}
+
+
+def test_a_restarted_sink_finds_the_sightings_of_recent_forgets_again_in_the_indices(monkeypatch: Any) -> None:
+    """What the sink had learnt went with its restart: the decisions and alerts of a subject forgotten in the last two
+    days name its sightings' transactions again (a forget's strip took the alerts' image refs)."""
+    from sinks.opensearch import sink as sink_module
+    from sinks.opensearch.forget import SIGHTING_MEMORY_MS
+
+    cluster = populated()
+    local_sightings(cluster)
+    erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    monkeypatch.setattr(sink_module.clock, "now_ms", lambda: T0 + HOUR)
+    wrapped = _Sink(cluster)
+    wrapped.sink.forgotten.add(Forget(SUBJECT, SALE, "command:c-1", T0))
+    wrapped.sink.forgotten.add(Forget("subj-long-ago", None, "command:c-0", T0 + HOUR - 2 * SIGHTING_MEMORY_MS - 1))
+    wrapped.sink._recall_sightings()
+    assert wrapped.sink.forgotten.sightings == {
+        "transaction_id": {"tx-30": T0 + HOUR + SIGHTING_MEMORY_MS, "tx-31": T0 + HOUR + SIGHTING_MEMORY_MS}
+    }
+    wrapped.sink._process(_messages("face_observations", [observation("checkout:tx-30", tx="tx-30")]))
+    assert "checkout:tx-30" not in _faces(cluster)
+
+
+def test_finding_the_sightings_of_recent_forgets_at_start_is_retried_while_a_shard_does_not_answer(
+    monkeypatch: Any,
+) -> None:
+    from opensearchpy.helpers import ScanError
+
+    from sinks.opensearch import sink as sink_module
+
+    calls: list[int] = []
+
+    def flaky(*_: Any, **__: Any) -> dict[str, list[str]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ScanError("s1", "1 of 2 shards failed")
+        return {"transaction_id": ["tx-30"]}
+
+    monkeypatch.setattr(sink_module, "matched_sightings", flaky)
+    monkeypatch.setattr(sink_module.clock, "now_ms", lambda: T0 + HOUR)
+    wrapped = _Sink(FakeCluster())
+    wrapped.sink.forgotten.add(Forget(SUBJECT, SALE, "command:c-1", T0))
+    wrapped.sink._recall_sightings()
+    assert len(calls) == 2 and set(wrapped.sink.forgotten.sightings["transaction_id"]) == {"tx-30"}
