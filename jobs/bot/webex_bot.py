@@ -472,7 +472,10 @@ def watchlist_text(entries: list[WatchlistEntry], at_ms: int, expire_days: float
 
 
 def read_watchlist(settings: Settings) -> list[WatchlistEntry]:
-    """The current watchlist from its compacted topic (the last record per subject; tombstones remove)."""
+    """The current watchlist from its compacted topic (the last record per subject; tombstones remove). A record that
+    does not decode (a newer schema than this bot's, corrupt bytes) is left out with a WARNING naming its key, and the
+    entry read before for that key stays, as the watchlist service reads the topic: raised, it stopped the read, and
+    every ``status`` said "Watchlist unavailable" for as long as the topic kept that record (compaction keeps it)."""
     from infra.clients.control_topics import read_control_topics
 
     entries: dict[bytes, WatchlistEntry] = {}
@@ -482,8 +485,12 @@ def read_watchlist(settings: Settings) -> list[WatchlistEntry]:
             return
         if value is None:
             entries.pop(key, None)
-        else:
+            return
+        try:
             entries[key] = WatchlistEntry.decode(value)
+        except InvalidRecord as exc:  # DecodeError: its kind says why, never the bytes
+            subject = key.decode(errors="replace")[:80]
+            log.warning("watchlist record %s left out: it does not decode (%s)", subject, exc.kind)
 
     read_control_topics(settings, apply, timeout_s=5.0, specs=(WATCHLIST,))
     return list(entries.values())

@@ -896,3 +896,24 @@ def test_the_recorded_checkout_answer_says_which_engine_matched_and_that_a_match
     assert "(68.8% similar)." in local and FACE_MATCH_CAVEAT in local
     no_match = webex_bot.recorded_checkout({"tx-3": {**doc, "face_status": "NO_MATCH"}}.get)("tx-3")
     assert FACE_MATCH_CAVEAT not in no_match
+
+
+def test_a_watchlist_record_that_does_not_decode_is_left_out_of_status_not_the_whole_watchlist(monkeypatch, caplog):
+    """A compacted topic keeps such a record (a newer schema's, corrupt bytes) until its key is written again: raised,
+    it made every ``status`` say "Watchlist unavailable"; the watchlist service leaves it out, and so does the bot."""
+    from infra.clients import control_topics
+    from schemas.records import WatchlistEntry
+
+    def entry(subject: str) -> bytes:
+        return WatchlistEntry(subject, "SUSPECT", [], "fraud", "lp@example.com", 1).encode()
+
+    def read(_settings, apply, timeout_s=0.0, specs=()):
+        apply("watchlist", b"subj-a", entry("subj-a"))
+        apply("watchlist", b"subj-b", entry("subj-b"))
+        apply("watchlist", b"subj-b", b"\xc3\x01" + b"\x00" * 8 + b"\x02")  # a schema this bot does not know
+        apply("watchlist", b"subj-c", b"not avro")
+
+    monkeypatch.setattr(control_topics, "read_control_topics", read)
+    entries = webex_bot.read_watchlist(Settings())
+    assert [e.subject_id for e in entries] == ["subj-a", "subj-b"]  # subj-b: the entry read before stays
+    assert "subj-c" in caplog.text and "not avro" not in caplog.text
