@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from infra.settings import FACE_DELIVERY_MARGIN_MS, Settings
@@ -79,6 +79,15 @@ class Ready:
     late: bool = False
     """The face came after the transaction was decided without it: not to be decided again (``env`` holds
     only :data:`LATE_FIELDS`)."""
+
+    def __setstate__(self, state: Sequence[Any]) -> None:
+        """Unpickle, also a ``Ready`` pickled before a field existed: the partitioned layout's message to the decide
+        step, held in a savepoint until the watermark passes it, of a job older than :attr:`waited_ms` or
+        :attr:`late`. A slotted dataclass's pickle is its values in field order; a missing trailing one takes its
+        default. Before, the slot stayed empty, and the decide step's batch failed on it (every transaction held
+        there dead-lettered ``internal_error`` instead of decided)."""
+        for i, item in enumerate(fields(self)):
+            object.__setattr__(self, item.name, state[i] if i < len(state) else item.default)
 
 
 TRIGGERS = ("CHECKOUT", "ENTRANCE", "COMMAND")

@@ -1006,3 +1006,27 @@ def test_a_forget_queued_for_shards_another_slot_owns_is_dropped_after_the_face_
     now[0] = 3700.0
     assert queue.take("1") == []
     assert queue.queued == {}  # the shards of other slots (0, 3) hold nothing any more
+
+
+def test_a_decision_held_in_a_savepoint_of_a_job_before_late_faces_is_decided_after_the_upgrade(monkeypatch):
+    """The message to the decide step (a ``Ready``) waits in the event-time batcher's state until the watermark passes
+    it, so a savepoint holds some. One pickled by a job before ``Ready.late`` (its values in field order, one fewer)
+    came back without that slot, and the decide step's batch failed on it: each such transaction was dead-lettered
+    ``internal_error`` instead of decided."""
+    from jobs.scoring.face_join import Ready
+    from jobs.scoring.partitioned import DecideStep
+
+    def pickled_by_an_older_job(item: Ready) -> Ready:
+        with monkeypatch.context() as older:
+            older.setattr(Ready, "__getstate__", lambda self: [self.env, self.seen, self.waited_ms])
+            data = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+        return pickle.loads(data)
+
+    real = DecideStep.on_batch
+    monkeypatch.setattr(
+        DecideStep, "on_batch", lambda self, items: real(self, [(k, pickled_by_an_older_job(i)) for k, i in items])
+    )
+    core = PartitionedCore(settings(), 2, clock=_clock)
+    rows = core.on_records([_tx(sale("s1"))], NOW) + core.on_timer(NOW + 10**7)
+    assert [k for t, k, _ in rows if t == SCORED] == [b"s1"]
+    assert not [k for t, k, _ in rows if t == DLQ]
