@@ -103,6 +103,7 @@ from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
 from schemas.records import AuditEvent, DeadLetter
 from schemas.topics import ALERTS, AUDIT, DAY_MS, DEAD_LETTERS, TRANSACTIONS, TopicSpec, readable_for_ms
+from sinks.alerts import ledger_schema
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import AlertText, case_card, case_url, describe, local_time
@@ -227,32 +228,13 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        try:  # a file of an earlier layout: migrated; an unknown one: refused, left as it was
+            ledger_schema.prepare(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS deliveries (alert_id TEXT NOT NULL, channel TEXT NOT NULL, "
-            "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))"
-        )
-        # Messages an erasable channel posted (their ids), and the subjects forgotten since: see sinks/alerts/erase.py.
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS posts (message_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, "
-            "channel TEXT NOT NULL, subject_id TEXT, transaction_id TEXT, alert_ms INTEGER, "
-            "posted_ms INTEGER NOT NULL)"
-        )
-        for column in ("subject_id", "transaction_id", "posted_ms"):  # each sweep's lookups: no table scans
-            self._db.execute(f"CREATE INDEX IF NOT EXISTS posts_{column} ON posts ({column})")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS forgets (audit_id TEXT PRIMARY KEY, subject_id TEXT, transaction_id TEXT, "
-            "at_ms INTEGER NOT NULL, until_ms INTEGER NOT NULL)"
-        )
-        # Records whose dead letter Kafka confirmed, by position: a re-read after a crash before the offset commit
-        # is skipped, while a re-drive (the same alert at a new offset) is sent again.
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS dead_letters (position TEXT PRIMARY KEY, alert_id TEXT, "
-            "error_kind TEXT NOT NULL, at_ms INTEGER NOT NULL)"
-        )
-        for table in ("deliveries", "dead_letters"):  # :meth:`prune`'s lookups: no table scans
-            self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_at_ms ON {table} (at_ms)")
         self._lock = threading.Lock()
         self._writes: queue.SimpleQueue[_WriteItem | None] = queue.SimpleQueue()
         self._closed = False

@@ -1,0 +1,146 @@
+"""A ledger file written by an earlier alert sender is migrated at open, not met by queries on columns it lacks: the
+layout changed (``posts.event_time`` -> ``alert_ms``, ``forgets.until_ms``, ``dead_letters``) without a version, and
+an upgraded sender crashed on the old file or lost its de-duplication. The CREATE statements below are those each
+earlier sender ran (git history of sinks/alerts/sender.py)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from sinks.alerts.erase import FORGET_GRACE_MS
+from sinks.alerts.ledger_schema import LEDGER_VERSION, LedgerLayoutError, columns
+from sinks.alerts.sender import Ledger
+
+DELIVERIES = (
+    "CREATE TABLE IF NOT EXISTS deliveries (alert_id TEXT NOT NULL, channel TEXT NOT NULL, "
+    "state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT, PRIMARY KEY (alert_id, channel))"
+)
+POSTS_EVENT_TIME = (
+    "CREATE TABLE IF NOT EXISTS posts (message_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, "
+    "channel TEXT NOT NULL, subject_id TEXT, transaction_id TEXT, event_time INTEGER, "
+    "posted_ms INTEGER NOT NULL)"
+)
+POSTS_ALERT_MS = POSTS_EVENT_TIME.replace("event_time", "alert_ms")
+POSTS_INDEXES = tuple(
+    f"CREATE INDEX IF NOT EXISTS posts_{c} ON posts ({c})" for c in ("subject_id", "transaction_id", "posted_ms")
+)
+FORGETS_AT = (
+    "CREATE TABLE IF NOT EXISTS forgets (audit_id TEXT PRIMARY KEY, subject_id TEXT, transaction_id TEXT, "
+    "at_ms INTEGER NOT NULL)"
+)
+FORGETS_UNTIL = FORGETS_AT.replace("at_ms INTEGER NOT NULL)", "at_ms INTEGER NOT NULL, until_ms INTEGER NOT NULL)")
+DEAD_LETTERS = (
+    "CREATE TABLE IF NOT EXISTS dead_letters (position TEXT PRIMARY KEY, alert_id TEXT, "
+    "error_kind TEXT NOT NULL, at_ms INTEGER NOT NULL)"
+)
+AT_MS_INDEXES = tuple(f"CREATE INDEX IF NOT EXISTS {t}_at_ms ON {t} (at_ms)" for t in ("deliveries", "dead_letters"))
+
+LAYOUTS = {
+    "2026-11-22 deliveries only": (DELIVERIES,),
+    "2026-12-05 posts.event_time, forgets without until_ms": (DELIVERIES, POSTS_EVENT_TIME, FORGETS_AT),
+    "2026-12-05 posts.alert_ms, forgets without until_ms": (DELIVERIES, POSTS_ALERT_MS, *POSTS_INDEXES, FORGETS_AT),
+    "2026-12-05 forgets.until_ms": (DELIVERIES, POSTS_ALERT_MS, *POSTS_INDEXES, FORGETS_UNTIL),
+    "2026-12-07 dead_letters": (DELIVERIES, POSTS_ALERT_MS, *POSTS_INDEXES, FORGETS_UNTIL, DEAD_LETTERS),
+    "2026-12-07 at_ms indexes": (
+        DELIVERIES,
+        POSTS_ALERT_MS,
+        *POSTS_INDEXES,
+        FORGETS_UNTIL,
+        DEAD_LETTERS,
+        *AT_MS_INDEXES,
+    ),
+}
+NOW = 1_800_000_000_000
+
+
+def written_by(path: Path, statements: tuple[str, ...]) -> None:
+    """A ledger as an earlier sender left it: its tables, a delivery, and (where its layout had them) a post of an
+    alert about subj-1 made at NOW - 1000 and a forget of subj-1 at NOW."""
+    with closing(sqlite3.connect(path)) as db, db:
+        for sql in statements:
+            db.execute(sql)
+        db.execute("INSERT INTO deliveries VALUES ('alert-1', 'webex', 'sent', ?, 'm-1')", (NOW,))
+        tables = columns(db)
+        if "posts" in tables:
+            db.execute(
+                "INSERT INTO posts VALUES ('m-1', 'alert-1', 'webex', 'subj-1', 'tx-1', ?, ?)", (NOW - 1000, NOW)
+            )
+        if "forgets" in tables:
+            forget: tuple[object, ...] = ("audit-1", "subj-1", None, NOW)
+            if "until_ms" in tables["forgets"]:
+                forget += (NOW + FORGET_GRACE_MS,)
+            db.execute(f"INSERT INTO forgets VALUES ({', '.join('?' * len(forget))})", forget)
+
+
+def fresh_columns(tmp_path: Path) -> dict[str, tuple[str, ...]]:
+    with closing(Ledger(tmp_path / "fresh.sqlite3")):
+        pass
+    with closing(sqlite3.connect(tmp_path / "fresh.sqlite3")) as db:
+        return columns(db)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_ledger_of_each_earlier_layout_is_migrated_at_open_and_keeps_what_it_recorded(
+    tmp_path: Path, layout: str
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    written_by(path, LAYOUTS[layout])
+
+    with closing(Ledger(path)) as ledger:
+        assert ledger.state("alert-1", "webex") == "sent"  # not sent again
+        if FORGETS_AT in LAYOUTS[layout] or FORGETS_UNTIL in LAYOUTS[layout]:
+            # the forget recorded before still erases the subject's message, and a new alert of it is withheld
+            assert ledger.due_posts(NOW, None) == {"m-1": ("webex", "subj-1")}
+            assert ledger.forgotten({"subject_id": "subj-1"}, NOW) == "subj-1"
+        ledger.mark_dead_lettered("alerts:0:7", "alert-2", "delivery_failed")
+        ledger.record_forgets([("audit-2", "subj-2", None, NOW)])
+        ledger.mark_sent("alert-3", "webex", "m-3", ("m-3",), {"subject_id": "subj-2"}, NOW)
+        assert ledger.dead_lettered(["alerts:0:7"]) == {"alerts:0:7"}
+        assert "m-3" in ledger.due_posts(NOW, None)
+
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LEDGER_VERSION
+        assert columns(db) == fresh_columns(tmp_path)
+
+
+def test_a_forget_migrated_from_before_until_ms_keeps_the_grace_it_had(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    written_by(path, LAYOUTS["2026-12-05 posts.alert_ms, forgets without until_ms"])
+    with closing(Ledger(path)):
+        pass
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT at_ms, until_ms FROM forgets").fetchall() == [(NOW, NOW + FORGET_GRACE_MS)]
+
+
+def test_a_ledger_of_a_layout_no_sender_wrote_is_refused_naming_the_file_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite3"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute(DELIVERIES)
+        db.execute("CREATE TABLE posts (message_id TEXT PRIMARY KEY, room TEXT)")
+    before = path.read_bytes()
+
+    with pytest.raises(LedgerLayoutError, match=f"{re.escape(str(path))}.*posts \\(message_id, room\\)"):
+        Ledger(path)
+    assert path.read_bytes() == before
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+def test_a_ledger_written_by_a_newer_sender_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {LEDGER_VERSION + 1}")
+    with pytest.raises(LedgerLayoutError, match=f"{re.escape(str(path))} has version {LEDGER_VERSION + 1}"):
+        Ledger(path)
+
+
+def test_a_new_ledger_gets_the_current_version(tmp_path: Path) -> None:
+    with closing(Ledger(tmp_path / "ledger.sqlite3")):
+        pass
+    with closing(sqlite3.connect(tmp_path / "ledger.sqlite3")) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LEDGER_VERSION
