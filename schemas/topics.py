@@ -177,10 +177,11 @@ CASES = TopicSpec(
         "delete.retention.ms": str(30 * DAY_MS),
         **FORGET_WITHIN_A_DAY,
     },
-    enforced=tuple(FORGET_WITHIN_A_DAY),
+    enforced=("delete.retention.ms", *FORGET_WITHIN_A_DAY),
 )
 """Alerts a person verifies and their verdicts (``jobs.cases.service``); compacted: a case's latest version. A
-retention tombstone is kept 30 days, so the OpenSearch sink deletes the case's document even after a long outage."""
+retention tombstone is kept 30 days, so the OpenSearch sink deletes the case's document even after a long outage;
+enforced, as a topic made before that setting (2026-12-03) kept Kafka's 1 day."""
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TRANSACTIONS,

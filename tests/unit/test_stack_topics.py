@@ -13,7 +13,7 @@ from confluent_kafka import KafkaError
 
 from infra import stack
 from infra.settings import Settings
-from schemas.topics import ALL_TOPICS, DAY_MS, DEAD_LETTERS, FACE_OBSERVATIONS, HOUR_MS, RULES
+from schemas.topics import ALL_TOPICS, CASES, DAY_MS, DEAD_LETTERS, FACE_OBSERVATIONS, HOUR_MS, RULES
 from tests.builders import partitions_led
 
 
@@ -161,3 +161,16 @@ def test_face_embeddings_on_topics_deleted_by_age_go_within_about_an_hour_of_the
     assert admin.altered[FACE_OBSERVATIONS.full_name("")]["retention.ms"] == str(DAY_MS)
     dead_letter_retention = str(int(settings.kafka.dead_letter_retention_days * DAY_MS))
     assert admin.altered[DEAD_LETTERS.full_name("")]["retention.ms"] == dead_letter_retention
+
+
+def test_an_existing_cases_topic_gets_the_30_day_tombstones_the_sink_needs_after_a_long_outage(
+    tmp_path: Path, admin: Admin
+) -> None:
+    """``cases`` gained ``delete.retention.ms`` of 30 days on 2026-12-03, set only when the topic was made: one made
+    before kept Kafka's 1 day, so the OpenSearch sink back after a longer outage missed a removed case's tombstone
+    and kept its document. The key is now set on the existing topic too; what an operator may tune stays."""
+    stack.ensure_topics(_settings(tmp_path))
+    cases = CASES.full_name("")
+    assert cases not in admin.created
+    assert admin.altered[cases]["delete.retention.ms"] == str(30 * DAY_MS)
+    assert "min.compaction.lag.ms" not in admin.altered[cases]
