@@ -46,6 +46,7 @@ from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.money import money
 from schemas.records import REKOGNITION_MATCHER, AlertAvro, ModelDriftAvro, ScoredTransactionAvro, dead_letter
+from schemas.similarity import similarity_text
 from schemas.topics import ALERTS, DEAD_LETTERS, MODEL_DRIFT, SCORED_TRANSACTIONS, TRANSACTIONS
 
 Envelope = tuple[dict[str, Any], dict[str, float], int]
@@ -756,5 +757,7 @@ class Scorer:
             "snapshot_ref": snapshot_ref,
             "transaction_kind": tx["kind"] if tx else None,
             "matcher": face.matcher,
-            "summary": f"{what} {face.subject_id} {how} at {where}, similarity {face.similarity or 0:.1f}{by}",
+            "summary": (
+                f"{what} {face.subject_id} {how} at {where}, similarity {similarity_text(face.similarity or 0)}{by}"
+            ),
         }

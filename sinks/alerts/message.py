@@ -27,6 +27,7 @@ from infra.settings import AlertSettings
 from infra.signed_links import image_link
 from schemas.money import money
 from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER, case_id_for
+from schemas.similarity import similarity_text
 
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
@@ -373,7 +374,7 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
         who = f" {shown(alert['category'], 32).lower()}" if alert.get("category") else ""
         subject_id = f" {shown(alert['subject_id'])}" if alert.get("subject_id") else ""
         by = " (by Rekognition)" if alert.get("matcher") == REKOGNITION_MATCHER else ""
-        lines.append(("Face match", f"{alert['similarity']:.1f}% similar to{who}{subject_id}{by}"))
+        lines.append(("Face match", f"{similarity_text(alert['similarity'])}% similar to{who}{subject_id}{by}"))
     if kind in FACE_MATCH_ADVICE:
         lines.append(("Please", FACE_MATCH_ADVICE[kind]))
     elif alert.get("similarity") is not None or FACE_REASONS.intersection(codes):

@@ -102,7 +102,7 @@ def test_face_match_shows_similarity_and_watchlist_category() -> None:
         AlertSettings(),
     )
     rows = dict(text.lines)
-    assert rows["Face match"] == "97.3% similar to suspect subj-tx-1"
+    assert rows["Face match"] == "97.2% similar to suspect subj-tx-1"  # 97.26, cut to a tenth, never rounded up
     assert rows["Why"] == "face resembles a person on the suspect watchlist"
     assert text.headline.startswith("Possible watchlist match at a checkout")
     assert "not proof" in rows["Please"], "security is asked to verify, not to act on the match"
@@ -113,6 +113,16 @@ def test_a_face_match_made_by_rekognition_says_so_beside_its_similarity() -> Non
     rows = dict(describe(alert(**face, matcher="rekognition"), AlertSettings()).lines)
     assert rows["Face match"] == "99.6% similar to suspect subj-tx-1 (by Rekognition)"
     assert dict(describe(alert(**face, matcher="local"), AlertSettings()).lines)["Face match"].endswith("subj-tx-1")
+
+
+@pytest.mark.parametrize(
+    ("similarity", "figure"), [(99.96, "99.9%"), (99.999, "99.9%"), (100.0, "100.0%"), (68.8, "68.8%")]
+)
+def test_a_near_match_never_reads_as_a_perfect_one(similarity: float, figure: str) -> None:
+    """99.96 read "100.0% similar", a perfect match, overstating the evidence a guard weighs: a similarity is cut to a
+    tenth, so 100.0 is only ever a perfect match."""
+    face = {"kind": "SUSPECT_ENTERED", "category": "SUSPECT", "subject_id": "subj-1", "similarity": similarity}
+    assert dict(describe(alert(**face), AlertSettings()).lines)["Face match"].startswith(f"{figure} similar ")
 
 
 def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> None:

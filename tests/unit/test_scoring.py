@@ -688,3 +688,11 @@ def test_a_watchlist_alerts_summary_gives_the_match_as_possible_not_as_fact(cate
     tx = {"transaction_id": "t1", "amount": 10.0, "currency": "USD", "kind": "SALE"} if where == "checkout" else None
     alert = Scorer.watchlist_alert(T0, "S1", "L1", face, None, "o1", tx, at_lane=where == "lane")
     assert alert["summary"].startswith(opening), alert["summary"]
+
+
+@pytest.mark.parametrize(("similarity", "figure"), [(99.96, "similarity 99.9"), (100.0, "similarity 100.0")])
+def test_a_watchlist_alerts_summary_never_gives_a_near_match_as_a_perfect_one(similarity, figure):
+    """The summary, which the dashboard lists the alert by, gave 99.96 as "similarity 100.0", as its message did."""
+    face = FaceResult("MATCHED", "subj-9", "SUSPECT", similarity, matcher="local")
+    alert = Scorer.watchlist_alert(T0, "S1", "L1", face, None, "o1", None)
+    assert alert["summary"].endswith(figure), alert["summary"]

@@ -1,0 +1,20 @@
+"""How a face match's similarity reads for people: the alert messages and the watch-list alerts' summaries (the
+scoring job's, which the dashboard shows) alike. Here, at the bottom, so both give one match the same figure.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import ROUND_DOWN, Decimal
+
+TENTH = Decimal("0.1")
+
+
+def similarity_text(similarity: float) -> str:
+    """``similarity`` (0-100) to one decimal, cut, not rounded: ``99.96`` reads ``99.9``, and only a perfect match
+    reads ``100.0``. Rounded, a near match read as a perfect one (and every figure a little above what it was),
+    overstating the evidence a person is asked to weigh."""
+    value = float(similarity)
+    if not math.isfinite(value) or abs(value) >= 1e15:  # nothing to cut (or no decimal left to cut)
+        return f"{value:.1f}"
+    return f"{Decimal(repr(value)).quantize(TENTH, rounding=ROUND_DOWN):f}"
