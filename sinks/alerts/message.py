@@ -91,6 +91,17 @@ BLOCKED_TITLES: dict[str, str] = {"SALE": "Sale blocked", "RETURN": "Refund bloc
 not read like a sale."""
 
 
+CATEGORY_WORDS: dict[str, str] = {"SUSPECT": "suspect", "VIP": "VIP"}
+"""A watch-list category as the headlines write it ("Possible suspect ...", "Possible VIP ..."): lower-cased, the
+face match read "similar to vip subj-…"."""
+
+
+def category_text(category: object) -> str:
+    """A watch-list category in words (:data:`CATEGORY_WORDS`); one it does not know as it came."""
+    text = shown(category, 32)
+    return CATEGORY_WORDS.get(text.upper(), text)
+
+
 def reason_text(code: str) -> str:
     """One reason code in plain words."""
     if code.startswith(MODEL_REASON_PREFIX):
@@ -371,7 +382,7 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     if codes:
         lines.append(("Why", shown("; ".join(reason_text(r) for r in codes), WHY_MAX)))
     if alert.get("similarity") is not None:
-        who = f" {shown(alert['category'], 32).lower()}" if alert.get("category") else ""
+        who = f" {category_text(alert['category'])}" if alert.get("category") else ""
         subject_id = f" {shown(alert['subject_id'])}" if alert.get("subject_id") else ""
         by = " (by Rekognition)" if alert.get("matcher") == REKOGNITION_MATCHER else ""
         lines.append(("Face match", f"{similarity_text(alert['similarity'])}% similar to{who}{subject_id}{by}"))

@@ -125,6 +125,21 @@ def test_a_near_match_never_reads_as_a_perfect_one(similarity: float, figure: st
     assert dict(describe(alert(**face), AlertSettings()).lines)["Face match"].startswith(f"{figure} similar ")
 
 
+@pytest.mark.parametrize(
+    ("kind", "category", "headline", "who"),
+    [
+        ("VIP_ARRIVED", "VIP", "Possible VIP arrived", "similar to VIP subj-1"),
+        ("SUSPECT_ENTERED", "SUSPECT", "Possible suspect entered the store", "similar to suspect subj-1"),
+        ("VIP_ARRIVED", "STAFF", "Possible VIP arrived", "similar to STAFF subj-1"),  # one it does not know: as it came
+    ],
+)
+def test_a_face_match_names_the_watch_list_category_as_the_headline_does(kind, category, headline, who) -> None:
+    """The category was lower-cased: "Possible VIP arrived" over "99.0% similar to vip subj-1"."""
+    text = describe(alert(kind=kind, category=category, subject_id="subj-1", similarity=99.0), AlertSettings())
+    assert text.headline.startswith(headline)
+    assert dict(text.lines)["Face match"] == f"99.0% {who}"
+
+
 def test_entrance_alert_without_lane_amount_or_outcome_still_reads_well() -> None:
     text = describe(
         alert(
