@@ -307,6 +307,10 @@ OUTCOME_WORDS = {"BLOCK": "blocked", "REVIEW": "held for review", "APPROVE": "ap
 """How people read a decision's outcome (alert texts, the bot's answers)."""
 
 
+ALL_STORES = "all"
+"""The ``store_id`` of an alert about every store at once (a ``MODEL_DRIFT`` alert): messages say "all stores"."""
+
+
 FACE_ALERT_KINDS = frozenset({"WATCHLIST_MATCH", "SUSPECT_ENTERED", "VIP_ARRIVED", "SUSPECT_AT_LANE", "VIP_AT_LANE"})
 """Alert kinds raised by a face match: their case shows the live snapshot beside the enrolled reference image,
 and a verdict on one teaches the watchlist (a template, or a false match against the subject)."""

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from infra.clock import now_ms as wall_now_ms
-from schemas.records import AlertAvro, ModelDriftAvro
+from schemas.records import ALL_STORES, AlertAvro, ModelDriftAvro
 
 ModelDriftRecord = ModelDriftAvro
 """A drift report as the dict the ``ModelDrift`` codec writes (topic ``model_drift``, key ``report_id``)."""
@@ -682,9 +682,10 @@ def with_alerts(
 
 def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25, *, since: int | None = None) -> AlertAvro:
     """The ``MODEL_DRIFT`` alert of a report (``alert`` true): id ``drift:<model_version>:<hour_start>``,
-    severity ``warning``, store ``all``, event time the hour's start; its reasons are the names (``score``
-    and features) whose PSI reached ``psi_alert`` (the setting), highest first, and its summary gives the
-    score's PSI and the worst features'. ``since``: a reminder, of a drift past the setting since that hour."""
+    severity ``warning``, store ``all`` (:data:`~schemas.records.ALL_STORES`), event time the hour's start; its
+    reasons are the names (``score`` and features) whose PSI reached ``psi_alert`` (the setting), highest first, and
+    its summary gives the score's PSI and the worst features'. ``since``: a reminder, of a drift past the setting
+    since that hour."""
     names = drifting(report, psi_alert) or drifting(report, 0.0, limit=3)
     features = [(name, value) for name, value in names if name != SCORE]
     if not features and report["worst_feature"] is not None:
@@ -696,7 +697,7 @@ def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25, *, since: int
         "kind": "MODEL_DRIFT",
         "severity": "warning",
         "event_time": report["hour_start"],
-        "store_id": "all",
+        "store_id": ALL_STORES,
         "lane_id": None,
         "transaction_id": None,
         "amount": None,

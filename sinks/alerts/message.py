@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from infra.settings import AlertSettings
 from infra.signed_links import image_link
 from schemas.money import money
-from schemas.records import FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER, case_id_for
+from schemas.records import ALL_STORES, FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER, case_id_for
 from schemas.similarity import similarity_text
 
 REASON_WORDS: dict[str, str] = {
@@ -54,6 +54,54 @@ REASON_WORDS: dict[str, str] = {
 """Every reason a rule set may weigh (``jobs.scoring.rules.KNOWN_INDICATORS``) or the scoring job gives a watch-list
 alert, in words (a test holds them to it): "unknown currency", "lane view after the sale not its buyer" left the
 guard to guess."""
+_WINDOWS = {"1h": "the last hour", "24h": "the last 24 hours", "7d": "the last 7 days"}
+FEATURE_WORDS: dict[str, str] = {
+    "score": "the model's risk score",
+    "amount_log": "transaction amount",
+    "item_count": "number of items",
+    "line_count": "number of receipt lines",
+    "max_unit_price_log": "highest item price",
+    "is_return": "share of returns",
+    "has_receipt_ref": "returns with a receipt",
+    "has_card": "card payments",
+    "has_email": "transactions with an e-mail address",
+    "has_customer_id": "transactions with a customer id",
+    "velocity": "transactions per customer in a short time",
+    "velocity_exceeded": "customers over the velocity limit",
+    "amount_zscore": "amount against the customer's usual",
+    "amount_above_norm": "amounts far above the customer's usual",
+    "first_seen": "customers never seen before",
+    "new_store_for_customer": "customers' first visits to a store",
+    "seconds_since_sale": "time from a sale to its return",
+    "cross_store_return": "returns at another store than bought",
+    "customer_mismatch": "returns by someone other than the buyer",
+    "suspicious_timing": "returns at another store soon after the purchase",
+    "return_without_receipt": "returns without a receipt",
+    "return_unknown_receipt": "returns of receipts we did not issue",
+    "return_exceeds_sale": "refunds larger than their sale",
+    "store_returns_in_window": "returns per store in a short time",
+    "store_return_burst": "bursts of returns at a store",
+    "high_value_item": "high-value items",
+    "cust_tx_before": "customer's earlier transactions",
+    "cust_age_days": "days since the customer was first seen",
+    "cust_since_prev_s": "time since the customer's previous transaction",
+    "cust_amount_ratio": "amount against the customer's mean sale",
+    **{f"cust_count_{w}": f"customer's transactions in {words}" for w, words in _WINDOWS.items()},
+    **{f"cust_sum_{w}": f"customer's spending in {words}" for w, words in _WINDOWS.items()},
+    "link_identities": "identities (card, e-mail, ...) per transaction",
+    "link_new": "identities seen for the first time",
+    "link_tx_before_max": "earlier transactions of the busiest linked identity",
+    "link_since_prev_s_min": "shortest time since a linked identity's previous transaction",
+    **{f"link_count_{w}_max": f"busiest linked identity's transactions in {words}" for w, words in _WINDOWS.items()},
+    "link_sum_24h_max": "busiest linked identity's spending in the last 24 hours",
+    "product_category": "product category",
+    "payment_method": "payment method",
+    "billing_country": "billing country",
+}
+"""A drift alert's reasons, the score and the model's features whose distribution moved, by their plain names (a
+test holds them to the model's features): "Why: score; amount log" gave the columns' internal names. Not
+:data:`REASON_WORDS`: a drifting ``velocity_exceeded`` is a change in how often the flag is set, not "too many
+transactions by this customer"."""
 FACE_REASONS = frozenset({"watchlist_suspect", "watchlist_vip", "buyer_face_mismatch"})
 """Reasons that rest on a face comparison: an alert with one carries the advice below."""
 MODEL_BANDS: tuple[tuple[int, str], ...] = ((900, "very high"), (800, "high"), (0, "elevated"))
@@ -100,6 +148,12 @@ def category_text(category: object) -> str:
     """A watch-list category in words (:data:`CATEGORY_WORDS`); one it does not know as it came."""
     text = shown(category, 32)
     return CATEGORY_WORDS.get(text.upper(), text)
+
+
+def feature_text(name: str) -> str:
+    """A drift alert's reason (the score or a feature) by its plain name; one not in :data:`FEATURE_WORDS` with
+    spaces for its underscores."""
+    return FEATURE_WORDS.get(name, name.replace("_", " "))
 
 
 def reason_text(code: str) -> str:
@@ -355,6 +409,8 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     kind = shown(alert.get("kind") or "", 64)
     store, lane = shown(alert.get("store_id") or "?", 64), alert.get("lane_id")
     where = f"store {store}, lane {shown(lane, 64)}" if lane else f"store {store}"
+    if kind == "MODEL_DRIFT" and alert.get("store_id") == ALL_STORES and not lane:
+        where = "all stores"
     title = TITLES.get(kind, kind.replace("_", " ").capitalize() or "Alert")
     tx_kind = str(alert.get("transaction_kind") or "").upper()
     if kind == "BLOCKED_TRANSACTION":
@@ -379,7 +435,10 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
         risk = f" (risk {alert['risk_score']} of 100)" if alert.get("risk_score") is not None else ""
         lines.append(("Outcome", outcome + risk))
     codes = [str(r) for r in alert.get("reasons") or ()]
-    if codes:
+    if codes and kind == "MODEL_DRIFT":
+        moved = "; ".join(feature_text(r) for r in codes)
+        lines.append(("Why", shown(f"drifted from the model's training data: {moved}", WHY_MAX)))
+    elif codes:
         lines.append(("Why", shown("; ".join(reason_text(r) for r in codes), WHY_MAX)))
     if alert.get("similarity") is not None:
         who = f" {category_text(alert['category'])}" if alert.get("category") else ""

@@ -472,3 +472,31 @@ def test_every_reason_the_job_may_give_reads_in_words_not_as_its_code() -> None:
     assert [code for code in codes if code not in REASON_WORDS] == []
     lane = describe(alert(kind="SUSPECT_AT_LANE", reasons=["watchlist_suspect", LANE_VIEW_REASON]), AlertSettings())
     assert "seen in the lane's live view after the sale, so not its buyer" in dict(lane.lines)["Why"]
+
+
+def test_a_drift_alert_reads_all_stores_and_its_drifting_figures_by_their_plain_names() -> None:
+    """A drift alert read "Fraud model drift - store all" and "Why: score; amount log", the internal names; every
+    feature of the model has a plain name (held to the model's list), and no accusing reason wording."""
+    from jobs.model.drift import SCORE, drift_alert
+    from jobs.model.fraud_model import FEATURE_NAMES
+    from sinks.alerts.message import FEATURE_WORDS
+
+    assert [name for name in (SCORE, *FEATURE_NAMES) if name not in FEATURE_WORDS] == []
+    report = {
+        "model_version": "gbm-1",
+        "hour_start": T,
+        "rows": 500,
+        "score_psi": 0.4,
+        "feature_psi": {"amount_log": 0.3, "velocity_exceeded": 0.27, "new_column_x": 0.26},
+        "worst_feature": "amount_log",
+        "worst_psi": 0.3,
+        "alert": True,
+    }
+    text = describe(drift_alert(report), AlertSettings())  # type: ignore[arg-type]
+    rows = dict(text.lines)
+    assert text.headline == "Fraud model drift - all stores" and rows["Where"] == "all stores"
+    assert rows["Why"] == (
+        "drifted from the model's training data: the model's risk score; transaction amount; customers over the "
+        "velocity limit; new column x"  # one it has no name for: its name with spaces
+    )
+    assert dict(describe(alert(store_id="all"), AlertSettings()).lines)["Where"] == "store all, lane L02"  # a store

@@ -423,7 +423,7 @@ def test_the_drift_alert_is_a_valid_model_drift_alert(reference: dict[str, Any])
     assert "threshold: PSI 0.25" in alert["summary"]
     assert "threshold: PSI 0.1)" in drift_alert(report, psi_alert=0.1)["summary"]
     text = describe(dict(alert), AlertSettings(timezone="UTC"))
-    assert text.headline == "Fraud model drift - store all"
+    assert text.headline == "Fraud model drift - all stores"
 
 
 def test_a_drift_id_is_a_valid_id_whatever_the_model_version() -> None:
