@@ -720,8 +720,8 @@ class AlertSettings(BaseModel, frozen=True):
     image_link_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
     """How long a signed image URL opens its image (default: a day, the default life of an open case)."""
     timezone: str | None = None
-    """IANA zone for the times in messages and on the dashboard's alert page (store local time); None = this machine's
-    zone."""
+    """IANA zone for the times in messages and on the dashboard's alert, case, cases and live pages (store local time);
+    None = this machine's zone."""
     store_timezones: dict[str, str] = Field(default_factory=dict)
     """Per store, its IANA zone when it differs from ``timezone`` (a chain across time zones): a JSON map of
     store id -> zone, ``{"S-NYC": "America/New_York"}``; the stores not in it use ``timezone``."""

@@ -184,6 +184,18 @@ def local_time(event_time_ms: int, timezone: str | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
 
+def store_time(time_ms: object, store_id: object, settings: AlertSettings) -> str | None:
+    """A time (epoch ms) of a store's alert or case as the alert messages give it: :func:`local_time` in the store's
+    zone (``CG_ALERTS__STORE_TIMEZONES``, else ``CG_ALERTS__TIMEZONE``), so the dashboard's pages say what the message
+    a guard came from says. None without a time or for one no date holds (a page shows that as it came)."""
+    if not time_ms or not isinstance(time_ms, int | float | str) or isinstance(time_ms, bool):
+        return None
+    try:
+        return local_time(int(time_ms), settings.zone_of(store_id))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
 def dashboard_url(alert: dict[str, Any], settings: AlertSettings) -> str:
     """The configured link template filled with the alert's ids (missing ones become empty)."""
     values = {

@@ -70,7 +70,6 @@ from schemas.errors import CheckoutGuardError
 from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids, version_folders
-from sinks.alerts.message import local_time
 from sinks.dashboard.case_routes import CaseRoutes, Publish
 from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders, server_error
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
@@ -173,7 +172,8 @@ class Dashboard:
         return shape_overview(self.search(self.transactions, overview_query(window)), window)
 
     def latest_alerts(self, window: Window) -> dict[str, Any]:
-        return shape_alerts(self.search(self.alerts, alerts_query(window, self.settings.dashboard.alerts_shown)))
+        answer = self.search(self.alerts, alerts_query(window, self.settings.dashboard.alerts_shown))
+        return shape_alerts(answer, self.settings.alerts)
 
     def face_activity(self, window: Window) -> dict[str, Any]:
         return shape_faces(self.search(self.faces, faces_query(window)))
@@ -262,25 +262,12 @@ class Dashboard:
         hits = self.search(self.alerts, alert_by_id_query(alert_id, ALERT_FIELDS))["hits"]["hits"]
         if not hits:
             return None
-        alert = public_alert(hits[0]["_source"])
-        alert["local_time"] = self.store_time(alert)
+        alert = public_alert(hits[0]["_source"], self.settings.alerts)
         transaction = None
         if alert.get("transaction_id"):
             found = self.search(self.transactions, transaction_by_id_query(alert["transaction_id"]))["hits"]["hits"]
             transaction = found[0]["_source"] if found else None
         return {"alert": alert, "transaction": transaction}
-
-    def store_time(self, alert: dict[str, Any]) -> str | None:
-        """The alert's time as its e-mail and Webex message give it, in its store's zone
-        (``CG_ALERTS__STORE_TIMEZONES``, else ``CG_ALERTS__TIMEZONE``): a guard who opens the page from the message
-        reads the same time, where the page gave it in UTC, hours off. None without a time or for one no date holds
-        (the page shows that as it came)."""
-        if not alert.get("event_time"):
-            return None
-        try:
-            return local_time(int(alert["event_time"]), self.settings.alerts.zone_of(alert.get("store_id")))
-        except (KeyError, TypeError, ValueError, OverflowError, OSError):
-            return None
 
 
 def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:

@@ -170,7 +170,7 @@ class CaseRoutes:
             answer = self.board.search(self.index, case_queue_query(case_filter))
         except TransportError as exc:
             return _unavailable(exc)
-        return JSONResponse(shape_queue(answer), headers={"Cache-Control": "no-store"})
+        return JSONResponse(shape_queue(answer, self.settings.alerts), headers={"Cache-Control": "no-store"})
 
     def figures(self, request: Request) -> Response:
         try:
@@ -207,7 +207,7 @@ class CaseRoutes:
             return _unavailable(exc)
         return JSONResponse(
             {
-                "case": public_case(source),
+                "case": public_case(source, self.settings.alerts),
                 "transaction": transaction,
                 "you": self.decider(request)[0],
                 "max_text": MAX_TEXT,  # the reason / note box's limit: the page has it from here, not a copy

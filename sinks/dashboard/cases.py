@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from infra.settings import AlertSettings
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check_address
 from schemas.records import CASE_VERBS, MAX_CASE_TEXT, BotCommand, case_text, well_formed
+from sinks.alerts.message import store_time
 
 CASE_STATES = ("open", "escalated", "confirmed", "dismissed", "expired")
 PENDING_STATES = ("open", "escalated")
@@ -133,13 +135,29 @@ def figures_query(store: str | None, since_ms: int, size: int = FIGURES_SIZE) ->
     }
 
 
-def public_case(source: dict[str, Any]) -> dict[str, Any]:
-    """A case document as the page sees it: the allowed fields, plus which images it has (by URL)."""
+CASE_TIMES = ("opened_at", "updated_at", "decided_at", "expires_at")
+"""A case's times (epoch ms), each given in its store's zone as well (``local_times``)."""
+
+
+def public_case(source: dict[str, Any], alerts: AlertSettings) -> dict[str, Any]:
+    """A case document as the page sees it: the allowed fields, plus which images it has (by URL), and its times as
+    its alert's message gives them, in its store's zone (``alerts``' zones): ``local_times`` (each of
+    :data:`CASE_TIMES` it has -> text) and each note's ``local_time``. The pages gave them in UTC, hours off the
+    message that links the case page; the epoch-ms fields stay as they were."""
     case = {field: source.get(field) for field in CASE_FIELDS if field in source}
     case_id = str(source.get("case_id") or "")
     case["images"] = {
         which: f"/cases/{case_id}/images/{which}" for which, ref in IMAGE_KINDS.items() if source.get(ref)
     }
+    store = case.get("store_id")
+    times = {field: store_time(case.get(field), store, alerts) for field in CASE_TIMES}
+    case["local_times"] = {field: text for field, text in times.items() if text is not None}
+    notes = case.get("notes")
+    if isinstance(notes, list):
+        case["notes"] = [
+            {**note, "local_time": store_time(note.get("at"), store, alerts)} if isinstance(note, dict) else note
+            for note in notes
+        ]
     return case
 
 
@@ -148,11 +166,11 @@ def _buckets(answer: dict[str, Any], name: str) -> dict[str, int]:
     return {str(b.get("key")): int(b.get("doc_count", 0)) for b in agg.get("buckets", [])}
 
 
-def shape_queue(answer: dict[str, Any]) -> dict[str, Any]:
+def shape_queue(answer: dict[str, Any], alerts: AlertSettings) -> dict[str, Any]:
     hits = answer.get("hits") or {}
     total = hits.get("total") or {}
     return {
-        "cases": [public_case(h.get("_source") or {}) for h in hits.get("hits", [])],
+        "cases": [public_case(h.get("_source") or {}, alerts) for h in hits.get("hits", [])],
         "total": int(total.get("value", 0)) if isinstance(total, dict) else int(total or 0),
         "states": _buckets(answer, "states"),
         "kinds": _buckets(answer, "kinds"),

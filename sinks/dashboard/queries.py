@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from infra.settings import AlertSettings
 from schemas.model_artifact import id_digest, is_fallback, model_of
+from sinks.alerts.message import store_time
 
 OUTCOMES = ("APPROVE", "REVIEW", "BLOCK")
 FACE_STATUSES = ("MATCHED", "NO_MATCH", "NO_FACE", "UNAVAILABLE")
@@ -373,17 +375,21 @@ def shape_overview(answer: dict[str, Any], window: Window) -> dict[str, Any]:
 SNAPSHOT_URL = "/api/alerts/{alert_id}/snapshot"
 
 
-def public_alert(source: dict[str, Any]) -> dict[str, Any]:
-    """An alert for the page: a thumbnail URL where it has a snapshot, never the image ref itself."""
+def public_alert(source: dict[str, Any], alerts: AlertSettings) -> dict[str, Any]:
+    """An alert for the page: a thumbnail URL where it has a snapshot, never the image ref itself, and
+    ``local_time``, its time as its message gives it (in its store's zone, ``alerts``' zones; None without a time or
+    for one no date holds): a guard who opens a page from the message reads the same time, where the pages gave it
+    in UTC, hours off. ``event_time`` stays as it was."""
     out = dict(source)
     ref = out.pop("snapshot_ref", None)
     out["thumbnail"] = SNAPSHOT_URL.format(alert_id=out["alert_id"]) if ref else None
+    out["local_time"] = store_time(out.get("event_time"), out.get("store_id"), alerts)
     return out
 
 
-def shape_alerts(answer: dict[str, Any]) -> dict[str, Any]:
-    """Latest alerts, newest first."""
-    rows = [public_alert(hit.get("_source", {})) for hit in answer.get("hits", {}).get("hits", [])]
+def shape_alerts(answer: dict[str, Any], alerts: AlertSettings) -> dict[str, Any]:
+    """Latest alerts, newest first (each with its ``local_time``: :func:`public_alert`)."""
+    rows = [public_alert(hit.get("_source", {}), alerts) for hit in answer.get("hits", {}).get("hits", [])]
     return {"total": _total(answer), "kinds": _buckets(answer.get("aggregations", {}).get("kinds")), "alerts": rows}
 
 

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from infra.command_auth import authenticate_command
 from infra.logs import person_tag
-from infra.settings import DashboardSettings, Settings, WebexSettings
+from infra.settings import AlertSettings, DashboardSettings, Settings, WebexSettings
 from jobs.cases import core
 from jobs.cases.core import parse_case_command
 from jobs.cases.service import CaseCore, Source
@@ -73,13 +73,13 @@ def test_the_queue_query_filters_by_store_state_and_kind_newest_first() -> None:
 
 
 def test_a_case_shows_image_urls_never_image_refs() -> None:
-    case = public_case(CASE)
+    case = public_case(CASE, AlertSettings())
     assert case["images"] == {
         "live": "/cases/case-0123456789ab/images/live",
         "reference": "/cases/case-0123456789ab/images/reference",
     }
     assert "snapshot_ref" not in case and "reference_image_ref" not in case
-    assert public_case({**CASE, "reference_image_ref": None})["images"] == {
+    assert public_case({**CASE, "reference_image_ref": None}, AlertSettings())["images"] == {
         "live": "/cases/case-0123456789ab/images/live"
     }
 
@@ -91,7 +91,7 @@ def test_the_queue_answer_carries_cases_total_and_filter_counts() -> None:
             "states": {"buckets": [{"key": "open", "doc_count": 5}, {"key": "dismissed", "doc_count": 2}]}
         },
     }
-    shaped = shape_queue(answer)
+    shaped = shape_queue(answer, AlertSettings())
     assert shaped["total"] == 7 and shaped["states"] == {"open": 5, "dismissed": 2}
     assert [c["case_id"] for c in shaped["cases"]] == ["case-0123456789ab"] and shaped["kinds"] == {}
 

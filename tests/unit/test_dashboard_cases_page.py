@@ -168,4 +168,4 @@ def test_the_cases_page_shows_an_out_of_range_opened_at_as_it_came_in_its_row_on
     shown = _shown({"/api/cases": {**QUEUE, "cases": rows, "total": 3}, "/api/cases/figures": FIGURES})
     assert "<td>100000000000000000000</td>" in shown["queue"], shown
     assert "<td>&lt;img src=x onerror=&quot;alert(1)&quot;&gt;</td>" in shown["queue"] and "<img" not in shown["queue"]
-    assert "<td>2027-01-15 08:00</td>" in shown["queue"]
+    assert "<td>2027-01-15 08:00:00 UTC</td>" in shown["queue"]  # an answer without its local time: UTC, so labelled

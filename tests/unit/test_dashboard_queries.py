@@ -6,6 +6,7 @@ import io
 
 from PIL import Image
 
+from infra.settings import AlertSettings
 from sinks.dashboard.app import thumbnail
 from sinks.dashboard.queries import (
     STORE_PICKER_SIZE,
@@ -228,7 +229,7 @@ def test_alerts_carry_a_thumbnail_url_instead_of_the_image_ref() -> None:
         },
         "aggregations": {"kinds": outcome_buckets(WATCHLIST_MATCH=1, BLOCKED_TRANSACTION=1)},
     }
-    page = shape_alerts(answer)
+    page = shape_alerts(answer, AlertSettings())
     assert [(a["alert_id"], a["thumbnail"]) for a in page["alerts"]] == [
         ("a-1", "/api/alerts/a-1/snapshot"),
         ("a-2", None),

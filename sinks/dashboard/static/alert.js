@@ -1,10 +1,8 @@
 // The page alert messages link to: one alert, its snapshot and the decision on its transaction.
 "use strict";
 
-// A time as UTC text; a stored value that is no time (out of range) as it came, for its row only.
-const when = (ms) => (ms ? (isoUtc(ms) ? `${isoUtc(ms)} UTC` : String(ms)) : "");
 // The alert's time as its message gave it, in its store's zone (the server's local_time), else as UTC text.
-const alertTime = (a) => a.local_time || when(a.event_time);
+const alertTime = (a) => storeTime(a.local_time, a.event_time);
 
 // Asking for the alert again: only after a 5xx or no answer, 3 s then twice as long each time in a row (common.js's
 // readFailed); a 4xx stops it with the reason shown, since asked again it gets the same answer.

@@ -130,14 +130,15 @@ function renderAlerts(a) {
     const card = document.createElement("a");  // the same page alert messages link to
     card.className = `alert ${x.kind}`;
     card.href = `/alerts/${encodeURIComponent(x.alert_id)}`;
-    // a time no date can hold (out of range) as it came, escaped, for this alert only: it threw, and nothing was drawn
-    const when = escapeHtml(isoUtc(x.event_time) ?? x.event_time);
+    // its time as its message gave it, in its store's zone (the server's local_time), else UTC text labelled so; a
+    // time no date can hold (out of range) as it came, escaped, for this alert only: it threw, and nothing was drawn
+    const when = escapeHtml(storeTime(x.local_time, x.event_time));
     const amount = x.amount != null ? ` · ${fmtAmount(x.amount, x.currency || "")} ${escapeHtml(x.currency || "")}` : "";
     const img = x.thumbnail
       ? `<img class="thumb" alt="snapshot" loading="lazy" src="${escapeHtml(x.thumbnail)}">`
       : '<div class="noimg">no snapshot</div>';
     card.innerHTML = `${img}<div><div class="kind">${escapeHtml(x.kind.replace(/_/g, " "))} · ${escapeHtml(x.severity)}</div>` +
-      `<div class="meta">${when} UTC · store ${escapeHtml(x.store_id)}${x.lane_id ? ` lane ${escapeHtml(x.lane_id)}` : ""}${amount}</div>` +
+      `<div class="meta">${when} · store ${escapeHtml(x.store_id)}${x.lane_id ? ` lane ${escapeHtml(x.lane_id)}` : ""}${amount}</div>` +
       `<div class="summary">${escapeHtml(x.summary)}</div></div>`;
     const image = card.querySelector("img");
     if (image) image.addEventListener("error", () => image.replaceWith(Object.assign(document.createElement("div"), { className: "noimg", textContent: "snapshot purged" })));

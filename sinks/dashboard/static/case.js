@@ -3,8 +3,9 @@
 // so the page waits for the case's next version before it shows the new state.
 "use strict";
 
-// A time as UTC text; a stored value that is no time (out of range) as it came, for its row only.
-const when = (ms) => (ms ? (isoUtc(ms) ? `${isoUtc(ms)} UTC` : String(ms)) : "");
+// A time of the case (opened_at, ...) as its alert's message gives it, in its store's zone (the server's
+// local_times), else as UTC text (common.js's storeTime).
+const when = (c, field) => storeTime((c.local_times || {})[field], c[field]);
 // The id in the page's address; null where it is not valid URL encoding (a link cut short at a "%" escape, say):
 // decodeURIComponent threw on it, and the page sat at "loading…" with no word.
 function pathId() {
@@ -74,7 +75,7 @@ function render(body) {
   document.getElementById("case-title").textContent = `${c.kind.replace(/_/g, " ")} · ${c.state}`;
   rows(document.querySelector("#case-facts tbody"), [
     ["case", c.case_id], ["state", c.state], ["verdict", c.verdict], ["reason", c.verdict_reason], ["owner", c.owner],
-    ["opened", when(c.opened_at)], ["decided", when(c.decided_at)], ["expires", PENDING.has(c.state) ? when(c.expires_at) : null],
+    ["opened", when(c, "opened_at")], ["decided", when(c, "decided_at")], ["expires", PENDING.has(c.state) ? when(c, "expires_at") : null],
     ["last change by", c.updated_by], ["store", c.store_id], ["lane", c.lane_id], ["transaction", c.transaction_id],
     ["subject", c.subject_id], ["category", c.category], ["similarity", c.similarity],
     ["subject's dismissed matches", c.subject_false_matches || null], ["fraud label", c.fraud_label], ["summary", c.summary],
@@ -88,10 +89,11 @@ function render(body) {
     image("img-live", c.images.live, "No live snapshot for this case.");
     image("img-reference", c.images.reference, "No reference image (not a face case, or the entry was forgotten).");
   }
-  const trail = [[c.opened_at, "case service", `opened (${c.kind})`], ...(c.notes || []).map((n) => [n.at, n.actor, n.text])];
-  if (c.decided_at) trail.push([c.decided_at, c.decided_by || c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
+  // [ms, the time as shown, who, what]: sorted by ms, shown as the case's other times are
+  const trail = [[c.opened_at, when(c, "opened_at"), "case service", `opened (${c.kind})`], ...(c.notes || []).map((n) => [n.at, storeTime(n.local_time, n.at), n.actor, n.text])];
+  if (c.decided_at) trail.push([c.decided_at, when(c, "decided_at"), c.decided_by || c.updated_by, `${c.state}${c.verdict_reason ? `: ${c.verdict_reason}` : ""}`]);
   trail.sort((a, b) => a[0] - b[0]);
-  document.getElementById("trail").innerHTML = trail.map(([at, actor, text]) => `<li><time>${escapeHtml(when(at))}</time> <b>${escapeHtml(actor)}</b> ${multiline(text)}</li>`).join("");
+  document.getElementById("trail").innerHTML = trail.map(([, at, actor, text]) => `<li><time>${escapeHtml(at)}</time> <b>${escapeHtml(actor)}</b> ${multiline(text)}</li>`).join("");
   // the box takes what the case service keeps: the limit comes with the case, so the two cannot differ
   if (Number.isInteger(body.max_text)) {
     document.getElementById("v-text").maxLength = body.max_text;

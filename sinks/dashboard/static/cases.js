@@ -3,8 +3,9 @@
 // Loaded after common.js: indexed values are escaped by its escapeHtml, as on every other page.
 "use strict";
 
-// A time as UTC text to the minute; a stored value that is no time (out of range) as it came, for its row only.
-const when = (ms) => (ms ? (isoUtc(ms)?.slice(0, 16) ?? String(ms)) : "");
+// When a case was opened, as its alert's message gives it, in its store's zone (the server's local_times), else as
+// UTC text labelled so (common.js's storeTime); before, UTC to the minute, unlabelled.
+const opened = (c) => storeTime((c.local_times || {}).opened_at, c.opened_at);
 const duration = (s) => (s === null || s === undefined ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 const share = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(0)} %`);
 const params = new URLSearchParams(location.search);
@@ -50,7 +51,7 @@ async function refresh() {
     options("f-kind", queue.kinds, filters.kind);
     options("f-store", queue.stores, filters.store);
     table("queue-table", queue.cases, (c) => `<tr data-case="${escapeHtml(c.case_id)}" class="state-${escapeHtml(c.state)}">
-      <td><a href="/cases/${encodeURIComponent(c.case_id)}">${escapeHtml(c.case_id)}</a></td><td>${escapeHtml(when(c.opened_at))}</td>
+      <td><a href="/cases/${encodeURIComponent(c.case_id)}">${escapeHtml(c.case_id)}</a></td><td>${escapeHtml(opened(c))}</td>
       <td>${escapeHtml(c.state)}</td><td>${escapeHtml(c.kind)}</td><td>${escapeHtml(c.store_id)}</td><td>${escapeHtml(c.lane_id)}</td>
       <td>${escapeHtml(c.owner)}</td><td>${escapeHtml(c.summary)}</td></tr>`);
     document.getElementById("queue-none").hidden = queue.cases.length > 0;

@@ -50,6 +50,15 @@ function isoUtc(ms) {
   const year = d.getUTCFullYear();
   return year < 0 || year > 9999 ? null : d.toISOString().replace("T", " ").slice(0, 19);
 }
+// A time of an alert or case as its alert message gives it: the server's text in its store's zone (local_time,
+// local_times: CG_ALERTS__STORE_TIMEZONES, else CG_ALERTS__TIMEZONE, zone named), else, for an answer without it, UTC
+// text labelled "UTC"; a stored value that is no time (out of range) as it came, for its row only; no time, "".
+function storeTime(local, ms) {
+  if (local) return local;
+  if (!ms) return "";
+  const iso = isoUtc(ms);
+  return iso ? `${iso} UTC` : String(ms);
+}
 // A chart's tick or tip for a point's time, shorter as the interval grows (UTC); a time no date can hold is shown as
 // it came (the charts put it in as text): it threw before, and no chart of the page was drawn.
 function fmtTime(t, intervalS) {

@@ -1,0 +1,122 @@
+"""The case page, the cases list and the live page give an alert's or case's times as its alert message gives them,
+in the store's zone (``CG_ALERTS__STORE_TIMEZONES``, else ``CG_ALERTS__TIMEZONE``), as the alert page does: the
+app's own answers, then the pages run in Node over them (skipped without Node). Before, all three gave UTC, hours off
+the message a guard came from."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from infra.settings import Settings
+from sinks.alerts.message import describe
+from sinks.dashboard.app import Dashboard, create_app
+from tests.unit.dashboard_pages import NODE, facts, run_page
+from tests.unit.test_dashboard_live_page import FACES, OVERVIEW
+
+T = 1_800_000_000_000  # 2027-01-15 08:00:00 UTC: 03:00:00 EST in New York, 09:00:00 CET in Berlin
+MIN = 60_000
+SETTINGS = Settings(alerts={"timezone": "Europe/Berlin", "store_timezones": {"S-NYC": "America/New_York"}})
+CASE = {
+    "case_id": "case-0123456789ab",
+    "version": 2,
+    "state": "open",
+    "kind": "SUSPECT_ENTERED",
+    "store_id": "S-NYC",
+    "alert_id": "watchlist:entrance:1:subj-1",
+    "summary": "Possible suspect subj-1 entered at S-NYC",
+    "opened_at": T,
+    "updated_at": T + MIN,
+    "expires_at": T + 24 * 60 * MIN,
+    "updated_by": "guard@example.com",
+    "notes": [{"at": T + MIN, "actor": "guard@example.com", "text": "on my way"}],
+}
+ALERT = {
+    "alert_id": "watchlist:entrance:1:subj-1",
+    "kind": "SUSPECT_ENTERED",
+    "severity": "high",
+    "event_time": T,
+    "store_id": "S-NYC",
+    "summary": "Possible suspect subj-1 entered at S-NYC",
+}
+
+
+class Indexed:
+    """The cases and alerts indexes holding one document each; a search returns only the fields it asks for."""
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        doc = CASE if "cases" in index else ALERT if "alerts" in index else None
+        if doc is None:
+            return {"hits": {"total": {"value": 0}, "hits": []}, "aggregations": {}}
+        source = {k: v for k, v in doc.items() if k in body.get("_source", doc)}
+        return {"hits": {"total": {"value": 1}, "hits": [{"_source": source}]}, "aggregations": {}}
+
+
+def answers(settings: Settings = SETTINGS) -> dict[str, Any]:
+    """The app's answers to the three pages, the window ending a minute after the alert."""
+    board = Dashboard(settings, client=Indexed(), clock=lambda: (T + MIN) / 1000)  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    paths = ("/api/cases/case-0123456789ab", "/api/cases", "/api/alerts")
+    return {path: client.get(path).json() for path in paths}
+
+
+def test_every_answer_gives_the_times_as_the_alert_message_gives_them_keeping_the_utc_fields() -> None:
+    message_time = dict(describe(ALERT, SETTINGS.alerts).lines)["When"]
+    assert message_time == "2027-01-15 03:00:00 EST"
+    got = answers()
+    case = got["/api/cases/case-0123456789ab"]["case"]
+    assert case["local_times"] == {
+        "opened_at": message_time,
+        "updated_at": "2027-01-15 03:01:00 EST",
+        "expires_at": "2027-01-16 03:00:00 EST",
+    }
+    assert case["notes"][0]["local_time"] == "2027-01-15 03:01:00 EST" and case["notes"][0]["at"] == T + MIN
+    assert case["opened_at"] == T  # the epoch-ms fields stay: an older page or script reads them as before
+    assert got["/api/cases"]["cases"][0]["local_times"]["opened_at"] == message_time
+    [alert] = got["/api/alerts"]["alerts"]
+    assert alert["local_time"] == message_time and alert["event_time"] == T
+    chain = answers(Settings(alerts={"timezone": "Europe/Berlin"}))  # a store in no zone of its own: the chain's
+    assert chain["/api/alerts"]["alerts"][0]["local_time"] == "2027-01-15 09:00:00 CET"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_case_page_shows_its_times_in_the_stores_zone_and_utc_labelled_without_them() -> None:
+    answer = answers()["/api/cases/case-0123456789ab"]
+    shown = run_page("case.js", [[200, answer]], path="/cases/case-0123456789ab", runs=0)
+    rows, trail = facts(shown), shown["nodes"]["trail"]["innerHTML"]
+    assert rows["case:opened"] == "2027-01-15 03:00:00 EST" and rows["case:expires"] == "2027-01-16 03:00:00 EST"
+    assert "<time>2027-01-15 03:01:00 EST</time> <b>guard@example.com</b> on my way" in trail
+    assert "UTC" not in trail + rows["case:opened"]
+    bare = {**answer, "case": {k: v for k, v in answer["case"].items() if k != "local_times"}}  # an older answer
+    bare["case"]["notes"] = [{k: v for k, v in n.items() if k != "local_time"} for n in bare["case"]["notes"]]
+    shown = run_page("case.js", [[200, bare]], path="/cases/case-0123456789ab", runs=0)
+    assert facts(shown)["case:opened"] == "2027-01-15 08:00:00 UTC"
+    assert "<time>2027-01-15 08:01:00 UTC</time>" in shown["nodes"]["trail"]["innerHTML"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_cases_list_shows_when_each_case_opened_in_its_stores_zone() -> None:
+    figures = {"open": 1, "time_to_verdict_s": {"p50": None, "p95": None, "decided": 0}, "open_by_age": []}
+    figures |= {"by_kind": [], "by_store": []}
+    queue = answers()["/api/cases"]
+    shown = run_page("cases.js", {"/api/cases": [[200, queue]], "/api/cases/figures": [[200, figures]]})
+    assert "<td>2027-01-15 03:00:00 EST</td>" in shown["nodes"]["#queue-table tbody"]["innerHTML"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_live_page_shows_each_alerts_time_in_its_stores_zone() -> None:
+    shown = run_page(
+        "app.js",
+        {
+            "/api/config": [[200, {"refresh_ms": 3000, "window_minutes": 60}]],
+            "/api/overview": [[200, OVERVIEW]],
+            "/api/alerts": [[200, answers()["/api/alerts"]]],
+            "/api/faces": [[200, FACES]],
+        },
+        runs=0,
+    )
+    [card] = shown["nodes"]["alerts"]["children"]
+    assert re.search(r'class="meta">2027-01-15 03:00:00 EST · store S-NYC<', card), card
