@@ -1,5 +1,6 @@
-"""How a face match's similarity reads for people: the alert messages and the watch-list alerts' summaries (the
-scoring job's, which the dashboard shows) alike. Here, at the bottom, so both give one match the same figure.
+"""How a face match reads for people -- its similarity and its watch-list category: the alert messages, the
+watch-list alerts' summaries (the scoring job's, which the dashboard shows) and the Webex bot's replies alike. Here,
+at the bottom, so all give one match the same figure and words.
 """
 
 from __future__ import annotations
@@ -18,3 +19,13 @@ def similarity_text(similarity: float) -> str:
     if not math.isfinite(value) or abs(value) >= 1e15:  # nothing to cut (or no decimal left to cut)
         return f"{value:.1f}"
     return f"{Decimal(repr(value)).quantize(TENTH, rounding=ROUND_DOWN):f}"
+
+
+CATEGORY_WORDS: dict[str, str] = {"SUSPECT": "suspect", "VIP": "VIP"}
+"""A watch-list category as the headlines write it ("Possible suspect ...", "Possible VIP ..."): lower-cased, a face
+match read "similar to vip subj-..."."""
+
+
+def category_words(category: str) -> str:
+    """A watch-list category in words (:data:`CATEGORY_WORDS`); one not known as it came."""
+    return CATEGORY_WORDS.get(category.upper(), category)

@@ -95,6 +95,7 @@ from schemas.records import (
     case_text,
     well_formed,
 )
+from schemas.similarity import category_words, similarity_text
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger(__name__)
@@ -380,9 +381,10 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
         caveat = ""
         if face == "MATCHED":
             by = " by Rekognition" if doc.get("face_matcher") == REKOGNITION_MATCHER else ""
+            category = category_words(str(doc.get("face_category") or ""))
             face_text = (
-                f"face matches **{(doc.get('face_category') or '').lower()}** `{doc.get('face_subject_id')}` "
-                f"({doc.get('face_similarity') or 0:.1f}% similar{by})"
+                f"face matches **{category}** `{doc.get('face_subject_id')}` "
+                f"({similarity_text(doc.get('face_similarity') or 0)}% similar{by})"
             )
             caveat = f" {FACE_MATCH_CAVEAT}"
         else:

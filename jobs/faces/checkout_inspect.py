@@ -15,9 +15,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from infra.clock import now_ms
 from infra.settings import Settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.similarity import category_words, similarity_text
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger("checkout_guard.checkout_inspect")
@@ -199,25 +201,26 @@ class CheckoutInspector:
             )
         rekognition = self._collection is not None
         faces = self.settings.faces
-        similar = f"({match.similarity:.1f}% similar{' by Rekognition' if rekognition else ''})"
+        similar = f"({similarity_text(match.similarity)}% similar{' by Rekognition' if rekognition else ''})"
         caveat = match_caveat(faces.rekognition_match_threshold if rekognition else faces.match_threshold, rekognition)
         if shot.fell_back_to_now:  # whoever stands at the lane now: not the buyer of that sale
             return (
                 f"Transaction `{tx_id}` at {where}: no footage of the sale, so a live view; the face at the lane now "
-                f"matches **{match.category.lower()}** `{match.subject_id}` {similar}. "
+                f"matches **{category_words(match.category)}** `{match.subject_id}` {similar}. "
                 f"This is not the buyer's picture{caveat}"
             )
         return (
             f"Transaction `{tx_id}` at {where}: fresh snapshot {when}; the face matches "
-            f"**{match.category.lower()}** `{match.subject_id}` {similar}{caveat}"
+            f"**{category_words(match.category)}** `{match.subject_id}` {similar}{caveat}"
         )
 
     def _match(self, image: bytes, usable: list, face: Any) -> Any:
         """The watchlist match of the snapshot: the largest face's embedding searched locally, or with the
         Rekognition backend every usable face searched in the collection (the subject named from the watchlist:
         one it no longer holds is no match). Raises :class:`_SearchFailed` when Rekognition failed."""
+        now = now_ms()  # an entry lapsed by now names nobody (the watchlist service may not have removed it yet)
         if self._collection is None:
-            return self._watchlist_loader().search(face.embedding)
+            return self._watchlist_loader().search(face.embedding, now)
         from jobs.faces.rekognition import search_faces
         from jobs.scoring.watchlist import Match
 
@@ -226,7 +229,7 @@ class CheckoutInspector:
             if found.failed is not None:
                 raise _SearchFailed(found.failed)
             return None
-        category = self._watchlist_loader().category(found.match.subject_id)
+        category = self._watchlist_loader().category(found.match.subject_id, now)
         return Match(found.match.subject_id, category, found.match.similarity) if category else None
 
 

@@ -27,7 +27,7 @@ from infra.settings import AlertSettings
 from infra.signed_links import image_link
 from schemas.money import money
 from schemas.records import ALL_STORES, FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER, case_id_for
-from schemas.similarity import similarity_text
+from schemas.similarity import category_words, similarity_text
 
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
@@ -139,15 +139,9 @@ BLOCKED_TITLES: dict[str, str] = {"SALE": "Sale blocked", "RETURN": "Refund bloc
 not read like a sale."""
 
 
-CATEGORY_WORDS: dict[str, str] = {"SUSPECT": "suspect", "VIP": "VIP"}
-"""A watch-list category as the headlines write it ("Possible suspect ...", "Possible VIP ..."): lower-cased, the
-face match read "similar to vip subj-…"."""
-
-
 def category_text(category: object) -> str:
-    """A watch-list category in words (:data:`CATEGORY_WORDS`); one it does not know as it came."""
-    text = shown(category, 32)
-    return CATEGORY_WORDS.get(text.upper(), text)
+    """A watch-list category in words (:func:`schemas.similarity.category_words`), cut to 32 characters."""
+    return category_words(shown(category, 32))
 
 
 def feature_text(name: str) -> str:

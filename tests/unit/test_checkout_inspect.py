@@ -54,7 +54,7 @@ def _enrolled(settings: Settings, engine: FaceEngine, person: str, photos) -> Wa
             "reference_image_ref": None,
             "reason": "t",
             "flagged_by": "t",
-            "flagged_at": 0,
+            "flagged_at": int(time.time() * 1000),  # listed now: an entry of 1970 has lapsed long since
             "source_transaction_id": None,
         }
     )
@@ -200,7 +200,7 @@ def test_a_match_in_the_reply_comes_with_its_threshold_and_the_advice_to_compare
             return f"file:{kind}/{key}"
 
     class Listed:
-        def search(self, embedding: object) -> Match:
+        def search(self, embedding: object, at_ms: int | None = None) -> Match:
             return Match("subj-tx-1", "SUSPECT", 68.83)
 
     def snapshot(serial: str, timestamp_ms: int | None = None) -> Snapshot:
@@ -216,3 +216,55 @@ def test_a_match_in_the_reply_comes_with_its_threshold_and_the_advice_to_compare
     assert f"(the match threshold is {settings.faces.match_threshold:.1f})" in reply
     assert reply.endswith(FACE_MATCH_CAVEAT)
     assert ("This is not the buyer's picture" in reply) is not of_the_sale
+
+
+def test_the_reply_names_no_entry_lapsed_by_now_and_writes_a_vip_as_the_alerts_do() -> None:
+    """The bot's ``checkout`` searched the watch-list it read whole, lapsed entries too (the watchlist service
+    tombstones them, and may be away), and named a VIP "**vip**"."""
+    import numpy as np
+
+    from infra.clients.meraki import Snapshot
+    from jobs.faces.engine import DetectedFace
+
+    probe = np.random.default_rng(5).normal(size=FACE_LEN).astype(np.float32)
+    probe /= np.linalg.norm(probe)
+
+    class OneFace:
+        def analyse(self, image: bytes, max_embedded: int | None = None) -> list:
+            return [DetectedFace((0, 0, 80, 80), 0.9, True, None, probe)]
+
+    class Kept:
+        def put(self, kind: str, key: str, data: bytes) -> str:
+            return f"file:{kind}/{key}"
+
+    def snapshot(serial: str, timestamp_ms: int | None = None) -> Snapshot:
+        return Snapshot(serial, b"\xff\xd8\xff" + bytes(64), "image/jpeg", timestamp_ms, False, 1, 1, 0.1)
+
+    docs = {"tx-3": {"store_id": STORE, "lane_id": "lane-01", "event_time": 1_800_000_000_000}}
+    now = int(time.time() * 1000)
+    for expires_at, named in ((now + 86_400_000, True), (now - 1, False)):
+        listed = Watchlist(Settings())
+        listed.upsert(
+            {
+                "subject_id": "subj-v1",
+                "category": "VIP",
+                "embeddings": [probe.tolist()],
+                "reference_image_ref": None,
+                "reason": "t",
+                "flagged_by": "t",
+                "flagged_at": now - 1000,
+                "expires_at": expires_at,
+                "source_transaction_id": None,
+            }
+        )
+        inspect = CheckoutInspector(
+            Settings(),
+            lookup=docs.get,
+            snapshot=snapshot,
+            engine=OneFace(),
+            store=Kept(),
+            watchlist_loader=lambda listed=listed: listed,
+        )
+        reply = inspect("tx-3")
+        assert ("`subj-v1`" in reply) is named, reply
+        assert ("matches **VIP** `subj-v1`" in reply) is named, reply

@@ -898,6 +898,24 @@ def test_the_recorded_checkout_answer_says_which_engine_matched_and_that_a_match
     assert FACE_MATCH_CAVEAT not in no_match
 
 
+def test_the_recorded_checkout_answer_reads_a_near_match_and_a_vip_as_the_alerts_do() -> None:
+    """It read 99.96 as "100.0% similar" (a near match as a perfect one) and a VIP as "**vip**", where the alert
+    messages say 99.9 and VIP."""
+    doc = {
+        "store_id": "S1",
+        "lane_id": "L2",
+        "outcome": "APPROVE",
+        "risk_score": 10,
+        "face_status": "MATCHED",
+        "face_category": "VIP",
+        "face_subject_id": "subj-v1",
+        "face_similarity": 99.96,
+        "face_matcher": "local",
+    }
+    reply = webex_bot.recorded_checkout({"tx-4": doc}.get)("tx-4")
+    assert "face matches **VIP** `subj-v1` (99.9% similar)." in reply
+
+
 def test_a_watchlist_record_that_does_not_decode_is_left_out_of_status_not_the_whole_watchlist(monkeypatch, caplog):
     """A compacted topic keeps such a record (a newer schema's, corrupt bytes) until its key is written again: raised,
     it made every ``status`` say "Watchlist unavailable"; the watchlist service leaves it out, and so does the bot."""
