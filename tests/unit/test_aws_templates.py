@@ -467,7 +467,7 @@ def test_every_ecs_service_that_shows_an_alerts_time_may_be_given_the_stores_zon
         assert spec is not None and spec.origin is not None, name
         origin = Path(spec.origin)
         sources = origin.parent.glob("*.py") if origin.name in ("__init__.py", "__main__.py") else [origin]
-        if any(re.search(r"\bzone_of\b", path.read_text()) for path in sources):
+        if any(re.search(r"\b(zone_of|store_time)\b", path.read_text()) for path in sources):
             users.add(name)
             env = environment(container)
             for setting, parameter in STORE_ZONES.items():

@@ -68,7 +68,9 @@ def test_an_empty_signing_key_does_not_dead_letter_the_bots_checkouts(tmp_path) 
     core = WatchlistCore(settings, engine=FaceEngine(settings.faces))
     checkout = command("CHECKOUT", "tx-1")
     record = Source("commands", 0, 7, checkout.command_id.encode(), checkout.encode(), ())
-    assert core.on_command(record, NOW) == []
+    out = core.on_command(record, NOW)
+    assert [o.topic.name for o in out] == ["audit"]  # the check's INSPECT event (unverified: no key), no dead letter
+    assert b"INSPECT" in out[0].value and b"unauthorized" not in out[0].value
 
 
 def test_a_dashboard_login_whose_password_is_spaces_is_half_a_login() -> None:
