@@ -27,6 +27,7 @@ Run: ``python -m infra.local.camera`` (port ``CG_CAMERAS__LOCAL_PORT``, default 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
 import json
 import logging
@@ -413,6 +414,13 @@ def _parse_ts(value: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+def _same_key(given: str, expected: str) -> bool:
+    """Whether the request's API key is the configured one, compared in constant time as a real server should (``!=``
+    stops at the first differing character, so its timing tells a guesser how much of the key is right); as bytes, so
+    a header with characters beyond ASCII is a 401, not the ``TypeError`` of comparing such strings."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
 def _err(status: int, *errors: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"errors": list(errors)}, status_code=status, headers=headers)
 
@@ -446,7 +454,7 @@ class LocalCameraApp:
 
     async def generate(self, request: Request) -> Response:
         key = request.headers.get(API_KEY_HEADER) or request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if key != self.cfg.api_key.get_secret_value():
+        if not _same_key(key, self.cfg.api_key.get_secret_value()):
             return _err(401, "Invalid API key")
         wait = self._limit.take()
         if wait:

@@ -170,3 +170,29 @@ def test_the_snapshot_answers_expiry_is_worded_as_the_dashboard_api_words_it() -
     found = re.fullmatch(r"Access to the image will expire at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\.", expiry)
     assert found, expiry
     assert datetime.fromisoformat(found.group(1)) > datetime.now(UTC)
+
+
+def test_the_snapshot_api_compares_the_api_key_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``!=`` stops at the first differing character, so a guesser could learn the key from the answer's timing."""
+    import hmac
+
+    from starlette.testclient import TestClient
+
+    from infra.clients.meraki import API_KEY_HEADER
+
+    app, url, headers = _snapshot_api()
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    key = headers[API_KEY_HEADER]
+    with TestClient(app.app) as http:
+        assert http.post(url, content=b"{}", headers=headers).status_code == 202
+        assert http.post(url, content=b"{}", headers={**headers, API_KEY_HEADER: key[:-1] + "x"}).status_code == 401
+        beyond_ascii = {**headers, API_KEY_HEADER: "kéy".encode("latin-1")}
+        assert http.post(url, content=b"{}", headers=beyond_ascii).status_code == 401, "not a 500"
+    assert len(compared) == 3
