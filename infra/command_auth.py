@@ -15,7 +15,7 @@ from typing import Any
 
 from infra.settings import WebexSettings
 from schemas.errors import InvalidRecord
-from schemas.identifiers import check_command_id
+from schemas.identifiers import check_actor, check_command_id
 from schemas.records import BotCommand
 
 SIGNATURE_HEADER = "cg-signature"
@@ -47,7 +47,8 @@ def authenticate_command(
     :class:`InvalidRecord` ``unauthorized`` (the reason says which check failed). A signed command whose id is no
     command id (:func:`schemas.identifiers.check_command_id`: over 512 characters, controls, spaces) is ``invalid_id``:
     the services name its audit event by that id and copy it in, so each refuses it as they refuse an unsigned one
-    (audited under its offset, the claimed id cut short, and dead-lettered)."""
+    (audited under its offset, the claimed id cut short, and dead-lettered). So is one whose actor is not 1 to 254
+    printable characters (:func:`schemas.identifiers.check_actor`): the actor is copied into the audit event too."""
     key = webex.command_signing_key.get_secret_value() if webex.command_signing_key else ""
     if not key:
         raise InvalidRecord("unauthorized", "no command signing key configured (CG_WEBEX__COMMAND_SIGNING_KEY)")
@@ -57,6 +58,7 @@ def authenticate_command(
     if not hmac.compare_digest(sign_command(cmd, key), signatures[0]):
         raise InvalidRecord("unauthorized", "signature does not match")
     check_command_id(cmd.command_id)
+    check_actor(cmd.actor)
     age_ms = now_ms - cmd.issued_at
     if fresh and (age_ms > webex.command_max_age_s * 1000 or age_ms < -MAX_CLOCK_SKEW_MS):
         raise InvalidRecord("unauthorized", f"issued {age_ms // 1000} s ago, outside the accepted window")

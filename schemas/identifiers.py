@@ -139,6 +139,21 @@ def check_command_id(value: object, field: str = "command_id") -> str:
     raise InvalidRecord("invalid_id", f"{field} is not a command id ({_shown(value)}; allowed: {allowed})")
 
 
+ACTOR_MAX = EMAIL_MAX
+"""The longest actor of a command: an e-mail address (:data:`EMAIL_MAX`) or a Webex person id (base64, about 80
+characters), the bot's actor when Webex gives no address, fits."""
+
+
+def check_actor(value: object, field: str = "actor") -> str:
+    """``value`` if it is 1 to :data:`ACTOR_MAX` printable characters, else :class:`InvalidRecord` ``invalid_id`` naming
+    the length. No shape: an address, a Webex id and a dashboard login all pass. The services copy a command's actor
+    into its audit event and the case, so a signed one of a megabyte made each of them a megabyte."""
+    if isinstance(value, str) and 0 < len(value) <= ACTOR_MAX and value.isprintable():
+        return value
+    allowed = f"1 to {ACTOR_MAX} printable characters"
+    raise InvalidRecord("invalid_id", f"{field} is not a command's actor ({_shown(value)}; allowed: {allowed})")
+
+
 def check_name(value: object, field: str) -> str:
     """A store/lane/cashier name (see :data:`NAME_RE`)."""
     return check(value, field, NAME_RE)

@@ -179,6 +179,19 @@ def test_a_signed_verdict_with_a_megabyte_command_id_is_refused_invalid_id_with_
     assert case_of(core.on_command(command_src("CONFIRM", case.case_id, webex_id, offset=2), NOW)).state != "open"
 
 
+def test_a_signed_verdict_with_a_megabyte_actor_is_refused_invalid_id_with_a_small_audit_event(core) -> None:
+    """The actor is copied into the audit event and the case: a signed one of 1 MB made each of them 1 MB."""
+    case = opened(core)
+    outs = core.on_command(command_src("CONFIRM", case.case_id, "m1", actor="g" * 1_000_000), NOW)
+    assert of(outs, CASES) == [] and core.book.cases[case.case_id].state == "open"
+    (audit,) = audits(outs)
+    assert (audit.outcome, audit.audit_id, audit.actor) == ("FAILED", "case-refused:commands:0:1", "unverified")
+    assert (audit.reason or "").startswith("invalid_id: actor is not a command's actor (1000000-character string")
+    assert len(of(outs, AUDIT)[0].value) < 2000
+    assert DeadLetter.decode(of(outs, DEAD_LETTERS)[0].value).error_kind == "invalid_id"
+    assert case_of(core.on_command(command_src("CONFIRM", case.case_id, "m2", offset=2), NOW)).state != "open"
+
+
 def test_an_illegal_transition_is_refused_with_a_reason(core) -> None:
     case = opened(core)
     core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW)

@@ -181,6 +181,21 @@ def test_a_signed_command_whose_id_is_no_command_id_is_refused_invalid_id_under_
     authenticate_command(longest, signed(longest), webex(), NOW)
 
 
+@pytest.mark.parametrize("actor", ["g" * 1_000_000, "g" * 255, "", "guard@store.test\r\nX: y"])
+def test_a_signed_command_from_an_allowed_room_whose_actor_is_no_person_is_refused_invalid_id(
+    core: WatchlistCore, actor: str
+) -> None:
+    """The actor is copied into the audit event: a signed one of 1 MB from an allowed room made an event of 1 MB."""
+    core.entries["subj-tx-1"] = {"category": "SUSPECT", "source_transaction_id": "tx-1"}
+    bad = cmd(actor=actor)
+    audit, letter = refused(core.on_command(source(bad, signed(bad)), NOW))
+    assert core.entries["subj-tx-1"]["category"] == "SUSPECT", "the subject was forgotten"
+    assert (letter.error_kind, audit.audit_id, audit.actor) == ("invalid_id", "refused:commands:0:7", UNVERIFIED_ACTOR)
+    assert (audit.reason or "").startswith("invalid_id: actor is not a command's actor") and len(audit.encode()) < 2000
+    for fits in ("g" * 254, "Y2lzY29zcGFyazovL3VzL1BFT1BMRS9mNWIzNjE4Ny1jOGRkLTQ3MjctOGIyZi1mOWM0NDdmMjkwNDY"):
+        authenticate_command(cmd(actor=fits), signed(cmd(actor=fits)), webex(), NOW)
+
+
 def test_a_checkout_or_status_record_not_signed_by_the_bot_is_dead_lettered_and_an_old_signed_one_ignored(
     core: WatchlistCore,
 ) -> None:
