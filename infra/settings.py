@@ -603,6 +603,10 @@ class FaceSettings(BaseModel, frozen=True):
     """More S3 buckets image refs may name (comma separated), e.g. the buckets of an earlier setup whose
     refs are still in alerts; a ref in any other bucket is refused before a request. ``forget`` and the retention
     purge search them too (:func:`infra.clients.image_store.former_stores`)."""
+    image_store_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    """Connect and read timeout of each S3 try of the image store (``image_store`` ``s3``; botocore's standard mode,
+    4 tries at most, :data:`infra.clients.image_store.S3_ATTEMPTS`): before, botocore's 60 s each and 5 tries, so an
+    S3 that did not answer held a snapshot, a command or an alert for minutes, past the ``/healthz`` limits."""
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
 

@@ -129,6 +129,10 @@ def store_outage(exc: BaseException) -> bool:
     return False
 
 
+S3_ATTEMPTS = 4
+"""Calls per S3 request in botocore's ``standard`` retry mode (throttling, 5xx and lost connections tried again with
+backoff), each bounded by ``CG_FACES__IMAGE_STORE_TIMEOUT_S``; then :func:`store_outage` tells the caller."""
+
 _MISSING_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 """S3's answers for an object that is not there (a HEAD has no body, so only its status: ``404``)."""
 
@@ -320,6 +324,8 @@ class S3ImageStore(ImageStore):
     def __init__(self, settings: Settings, bucket: str | None = None) -> None:
         """``bucket``: one bucket for every kind (a former bucket :func:`former_stores` searches), else the
         checkout and suspects buckets."""
+        from botocore.config import Config
+
         from infra.clients.aws import aws_client
 
         f = settings.faces
@@ -340,6 +346,11 @@ class S3ImageStore(ImageStore):
             access_key_id=f.aws_access_key_id,
             secret_access_key=f.aws_secret_access_key,
             region_required=False,
+            config=Config(  # botocore's own 60 s a try held a snapshot, a command or an alert for minutes
+                connect_timeout=f.image_store_timeout_s,
+                read_timeout=f.image_store_timeout_s,
+                retries={"mode": "standard", "total_max_attempts": S3_ATTEMPTS},
+            ),
         )
 
     def holds(self, ref: str) -> bool:

@@ -326,3 +326,13 @@ def test_the_purge_keeps_the_snapshots_it_is_told_to_keep_in_both_stores(moto_ur
         waiting, other = store.put("checkout", "tx-1", b"an alert's"), store.put("entrance", "tx-2", b"nobody's")
         assert store.purge(int(time.time() * 1000) + 60_000, keep=frozenset({waiting})) == 1
         assert store.find("checkout", "tx-1") == waiting and store.find("entrance", "tx-2") is None, other
+
+
+def test_each_s3_try_of_the_image_store_is_bounded_by_its_setting_not_botocores_60_s(tmp_path) -> None:
+    """botocore's default is 60 s to connect and 60 s to read, 5 tries: an S3 that did not answer held a snapshot, a
+    command or an alert for minutes, past the ``/healthz`` limits."""
+    settings = _s3_settings("http://127.0.0.1:9", tmp_path, image_store_timeout_s=2.5)  # no request is made
+    config = S3ImageStore(settings).s3.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (2.5, 2.5)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 4}
+    assert FaceSettings().image_store_timeout_s == 5.0
