@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import getpass
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from rich.console import Console
 from infra import clock
 from infra.clients import kafka as kafka_clients
 from infra.clients.topic_replay import RangeError, TimeOutOfRange, parse_time_ms
+from infra.os_user import os_user
 from infra.settings import Settings, get_settings
 from schemas.afd_csv import undecodable
 from schemas.errors import CheckoutGuardError, InvalidRecord
@@ -499,12 +499,9 @@ def _decided_at(text: str | None, now_ms: int) -> int:
         raise _fail(f"--decided-at: {exc.reason}") from None
 
 
-def cli_user() -> str | None:
-    """Who runs the command (the login name), as ``decided_by`` of a CLI verdict."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return None
+def cli_user() -> str:
+    """Who runs the command (the login name, else ``uid:<n>``), as ``decided_by`` of a CLI verdict."""
+    return os_user()
 
 
 def _report(stats: PublishStats, topic: str) -> None:

@@ -28,7 +28,6 @@ zip's ``checkout-guard/lib/models.zip``, which ``flink.yaml`` ships to the worke
 from __future__ import annotations
 
 import fcntl
-import getpass
 import hashlib
 import logging
 import os
@@ -42,6 +41,7 @@ import typer
 
 from infra.cli import run_tool
 from infra.durable import remove_durably, replace_durably
+from infra.os_user import os_user
 from infra.settings import Settings, get_settings
 from jobs.model.fraud_model import LOCK, LocalModel, ModelArtifactError, format_metrics, pointer_lock
 from schemas.errors import CheckoutGuardError
@@ -475,7 +475,7 @@ def champion_change(
 
     def record() -> None:
         if audit:
-            _audit(settings, old, new, getpass.getuser(), reason, timeout_s)
+            _audit(settings, old, new, os_user(), reason, timeout_s)
 
     return record
 

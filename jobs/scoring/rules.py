@@ -12,7 +12,6 @@ every decision. At run time a new rule set is published to the compacted ``rules
 
 from __future__ import annotations
 
-import getpass
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ import typer
 import yaml
 
 from infra.clock import now_ms
+from infra.os_user import os_user
 from infra.settings import RulesSettings, Settings
 from schemas.errors import CheckoutGuardError
 
@@ -598,7 +598,7 @@ def validate(file: Path) -> None:
 @app.command()
 def publish(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-    by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user).")] = None,
+    by: Annotated[str | None, typer.Option(help="Who publishes (default: the OS user, else uid:<n>).")] = None,
 ) -> None:
     """Validate FILE and publish it to the compacted rules topic (key "active"): the job switches to it. An invalid
     FILE: one Error line, exit 1, and nothing is sent (a FILE that does not exist: exit 2)."""
@@ -610,7 +610,7 @@ def publish(
     except RuleSetError as exc:
         raise RuleSetError(f"{file}: {exc}") from None
     try:
-        topic = publish_rules(get_settings(), rules, text, by or getpass.getuser())
+        topic = publish_rules(get_settings(), rules, text, by or os_user())
     except RuntimeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None

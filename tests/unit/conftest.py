@@ -88,3 +88,19 @@ def disk_order(monkeypatch: pytest.MonkeyPatch) -> DiskOrder:
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(os, "mkdir", mkdir)
     return order
+
+
+@pytest.fixture
+def user_without_name(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The process runs as a user id the system has no name for (a container's ``--user 12345`` with no passwd
+    entry and no ``USER``/``LOGNAME``): :func:`getpass.getuser` raises. Returns the actor a tool should record."""
+    import pwd
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    return f"uid:{os.getuid()}"

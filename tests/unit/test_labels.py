@@ -430,6 +430,18 @@ def test_cli_publish_one_verdict(cli: FakeProducer) -> None:
     assert (label.label, label.source, label.decided_by, label.case_id) == (1, "cli", "tester", "case-1")
 
 
+def test_a_cli_verdict_by_a_user_the_system_cannot_name_is_decided_by_the_user_id(
+    monkeypatch: pytest.MonkeyPatch, user_without_name: str
+) -> None:
+    """It was decided by nobody (``None``), where rules publish and models promote record the user id."""
+    producer = FakeProducer()
+    monkeypatch.setattr(labels_cli, "get_settings", lambda: SETTINGS)
+    monkeypatch.setattr(labels_cli, "make_producer", lambda _settings: producer)
+    result = CliRunner().invoke(labels_cli.app, ["publish", "tx-9", "fraud"])
+    assert result.exit_code == 0, result.output
+    assert Label.decode(producer.sent[0][2] or b"").decided_by == user_without_name
+
+
 def test_cli_with_kafka_down_says_so_in_one_line_and_sends_nothing(cli: FakeProducer, capsys) -> None:
     """It used to wait a minute for acknowledgements, printing librdkafka's reconnect failures (600 lines)."""
     cli.down = True

@@ -104,6 +104,19 @@ def test_promote_prints_the_new_champions_report_and_retire_drops_the_old_one(tm
     assert read_pointer(tmp_path, CHALLENGER) is None
 
 
+def test_promote_as_a_user_the_system_cannot_name_audits_the_user_id(tmp_path, monkeypatch, user_without_name):
+    """``getpass.getuser()`` raised (no passwd entry, no USER): promote died with a traceback."""
+    from jobs.model import registry
+
+    _, chal = _models(tmp_path)
+    write_pointer(tmp_path, CHALLENGER, chal)
+    actors: list[str] = []
+    monkeypatch.setattr(registry, "_audit", lambda settings, old, new, actor, *rest: actors.append(actor))
+    result = CliRunner().invoke(app, ["promote", "--models", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert actors == [user_without_name] and read_pointer(tmp_path, CURRENT) == chal
+
+
 def test_promote_without_a_challenger_is_refused(tmp_path):
     _models(tmp_path)
     result = CliRunner().invoke(app, ["promote", "--no-audit", "--models", str(tmp_path)])

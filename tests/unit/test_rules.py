@@ -359,6 +359,19 @@ def test_publishing_to_a_cluster_without_the_rules_topic_names_it_and_sends_noth
     assert sent == []
 
 
+def test_publishing_without_by_as_a_user_the_system_cannot_name_records_the_user_id(
+    tmp_path, monkeypatch, user_without_name
+) -> None:
+    """``getpass.getuser()`` raised (no passwd entry, no USER): the command died with a traceback."""
+    from jobs.scoring import rules
+
+    published: list[str] = []
+    monkeypatch.setattr(rules, "publish_rules", lambda settings, ruleset, text, by: published.append(by) or "rules")
+    res = CliRunner().invoke(rules_cli, ["publish", str(DEFAULT_RULESET)])
+    assert res.exit_code == 0, res.output
+    assert published == [user_without_name]
+
+
 def _alias_bomb(levels: int) -> str:
     """YAML aliases nine times over per level: 9**levels items once expanded, a few hundred bytes as text."""
     lines = ['&l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
