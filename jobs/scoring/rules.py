@@ -251,7 +251,7 @@ class RuleSet:
         version = _version(raw_version, names.get("version", "version"), errors, published)
         block_at, review_at = _thresholds(data, errors, names)
         weights = _weights(data, errors)
-        bands = _model_bands(data, errors)
+        bands = _model_bands(data, errors, published)
         suspect, alone, statuses, indicator = _face(data, errors, published)
         description = _description(data.get("description"), published, errors)
         face_points = {"face.watchlist_suspect_points": suspect} | {
@@ -455,12 +455,17 @@ def _weights(data: dict, errors: list[str]) -> dict[str, int]:
     return weights
 
 
-def _model_bands(data: dict, errors: list[str]) -> list[tuple[int, int]]:
-    """``model_bands``: (score, points), highest score first; scores distinct, points not falling as scores rise."""
+def _model_bands(data: dict, errors: list[str], published: bool = False) -> list[tuple[int, int]]:
+    """``model_bands``: (score, points), highest score first; scores distinct, points not falling as scores rise.
+    No bands is ``[]`` (or no key, as for ``weights``): a ``false``, ``0`` or ``{}`` (a typo, a wrong type) quietly
+    turned the model score's points off, so it is refused, unless ``published`` (the job keeps what it ran)."""
     bands: list[tuple[int, int]] = []
-    raw_bands = data.get("model_bands") or []
-    if not isinstance(raw_bands, list):
-        errors.append("model_bands: must be a list of {score, points}")
+    raw_bands = data.get("model_bands")
+    if raw_bands is None:
+        raw_bands = []
+    elif not isinstance(raw_bands, list):
+        if not (published and not raw_bands):
+            errors.append(f"model_bands: must be a list of {{score, points}}, [] for none (got {_shown(raw_bands)})")
         raw_bands = []
     for i, band in enumerate(raw_bands):
         if not isinstance(band, dict) or set(band) != {"score", "points"}:

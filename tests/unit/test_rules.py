@@ -71,6 +71,24 @@ def test_invalid_rule_sets_are_refused_with_the_offending_key(change, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("bands", [False, 0, {}, "", {"score": 900, "points": 50}])
+def test_model_bands_that_are_not_a_list_are_refused_not_read_as_no_bands(bands):
+    """``false``, ``0`` and ``{}`` were read as no bands: a typo turned the model score's points off unseen."""
+    data = _default_dict()
+    data["model_bands"] = bands
+    with pytest.raises(RuleSetError, match=r"model_bands: must be a list of \{score, points\}, \[\] for none"):
+        RuleSet.from_yaml(yaml.safe_dump(data))
+    if not bands:  # a rule set published before this check stands: the job keeps what it ran
+        assert RuleSet.from_yaml(yaml.safe_dump(data), published=True).model_bands == ()
+
+
+@pytest.mark.parametrize("bands", [[], None])
+def test_an_empty_list_or_no_model_bands_means_none(bands):
+    data = _default_dict()
+    data["model_bands"] = bands
+    assert RuleSet.from_yaml(yaml.safe_dump(data)).model_bands == ()
+
+
 def test_a_rule_set_under_which_nothing_can_reach_review_is_refused_on_file_and_publish_but_kept_when_read_back():
     data = _default_dict()
     data["weights"], data["model_bands"] = {}, []
