@@ -53,6 +53,7 @@ from jobs.scoring.rules import RuleSet, RuleSetError
 from jobs.scoring.rules import publish_rules as publish_rule_set
 from schemas.errors import CheckoutGuardError
 from schemas.indices import ROUTES, index_name
+from schemas.money import money
 from schemas.topics import ALL_TOPICS, RULES, SCORED_TRANSACTIONS, TRANSACTIONS
 
 console = Console()
@@ -374,6 +375,12 @@ def versions_line(report: Report) -> str:
     )
 
 
+def _amount(sample: Mapping[str, Any]) -> str:
+    """A changed transaction's amount with its currency's decimals (two for all showed 1500 JPY as 1,500.00)."""
+    currency = sample["currency"] or ""
+    return f"{money(sample['amount'] or 0, currency)} {currency}"
+
+
 def report_tables(report: Report) -> list[Table]:
     """The report as rich tables: outcome changes, detection, changed transactions."""
     confusion = Table(title=f"outcomes: {report.baseline} (rows) x {report.candidate} (columns)")
@@ -416,7 +423,7 @@ def report_tables(report: Report) -> list[Table]:
         samples.add_row(
             s["transaction_id"],
             str(s["kind"]),
-            f"{s['amount'] or 0:,.2f} {s['currency'] or ''}",
+            _amount(s),
             "" if s["label"] is None else str(s["label"]),
             f"{s['baseline']['outcome']} {s['baseline']['risk_score']}",
             f"{s['candidate']['outcome']} {s['candidate']['risk_score']}",
@@ -476,7 +483,7 @@ def report_markdown(report: Report) -> str:
     ]
     for s in report.samples:
         lines.append(
-            f"| {s['transaction_id']} | {s['kind']} | {s['amount'] or 0:,.2f} {s['currency'] or ''} | "
+            f"| {s['transaction_id']} | {s['kind']} | {_amount(s)} | "
             f"{'' if s['label'] is None else s['label']} | "
             f"{s['baseline']['outcome']} {s['baseline']['risk_score']} | "
             f"{s['candidate']['outcome']} {s['candidate']['risk_score']} | "

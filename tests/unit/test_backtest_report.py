@@ -22,6 +22,7 @@ from jobs.flink.backtest_stream import (
     copy_rules,
     detection,
     report_markdown,
+    report_tables,
     run_backtest,
     transaction_ids,
     version_notes,
@@ -163,6 +164,27 @@ def test_the_report_renders_as_markdown_and_json():
     data = json.loads(report.to_json())
     assert data["confusion"]["APPROVE"]["BLOCK"] == 1
     assert data["detection"]["baseline"]["BLOCK"]["recall"] == pytest.approx(1 / 3)
+
+
+def test_changed_transactions_show_their_amount_with_the_currencys_decimals():
+    """Two decimals for every currency: 1500 JPY read 1,500.00 and 12.345 KWD read 12.35, a fils off."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    priced = {"t2": (1500.0, "JPY"), "t4": (12.345, "KWD"), "t5": (1234.5, "EUR")}  # the changed ones
+
+    def with_prices(docs: list[dict]) -> list[dict]:
+        return [d | dict(zip(("amount", "currency"), priced[d["transaction_id"]], strict=True)) for d in docs]
+
+    changed = [d for d in BASELINE if d["transaction_id"] in priced]
+    report = compare(with_prices(changed), with_prices([d for d in CANDIDATE if d["transaction_id"] in priced]))
+    text = report_markdown(report)
+    assert "| 1,500 JPY |" in text and "| 12.345 KWD |" in text and "| 1,234.50 EUR |" in text
+    console = Console(file=StringIO(), width=250)
+    console.print(report_tables(report)[-1])
+    shown = console.file.getvalue()
+    assert "1,500 JPY" in shown and "12.345 KWD" in shown and "1,234.50 EUR" in shown and ".00 JPY" not in shown
 
 
 def test_the_copy_is_isolated_and_runs_the_candidate(tmp_path):
