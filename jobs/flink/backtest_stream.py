@@ -307,9 +307,14 @@ def compare(
             "the replayed set is incomplete, so the counts of those only in one index are not reliable."
         )
     if undecided:
+        # Of the replayed only, so the figures add up to them: a candidate decision outside the replayed set has
+        # its own note above, and counted here too it made the sum overshoot.
+        replayed_ids = set(replayed or ())
+        compared_replayed = len(replayed_ids.intersection(common))
+        in_one_replayed = len(replayed_ids & (set(base) ^ set(cand)))
         notes.append(
-            f"{undecided:,} of the {len(set(replayed or ())):,} replayed transactions are in neither index "
-            f"({len(common):,} compared + {len(only_base) + only_candidate:,} only in one): neither decided "
+            f"{undecided:,} of the {len(replayed_ids):,} replayed transactions are in neither index "
+            f"({compared_replayed:,} compared + {in_one_replayed:,} only in one): neither decided "
             f"them (the job refused them for when they came: too_late) or their decisions are not indexed yet."
         )
     return Report(

@@ -360,6 +360,16 @@ def test_transactions_only_the_baseline_decided_count_and_warn_when_the_replay_i
     assert f"> **Warning:** {finished}" in text and "1 only in the baseline" in text and "of 9 transactions" in text
 
 
+def test_the_in_neither_index_figures_count_only_replayed_transactions():
+    """A candidate decision outside the replayed set (warned of in its own note) was added to "only in one" too,
+    so 6 compared + 3 only in one + 1 in neither made 10 of 9 replayed."""
+    stray = [*CANDIDATE, _doc("t99", "APPROVE", 0, 0, rules="r2")]
+    report = compare(BASELINE, stray, replayed=REPLAYED)
+    _finished, outside, neither = report.notes
+    assert outside.startswith("1 transactions the candidate decided are not among the 9 replayed")
+    assert neither.startswith("1 of the 9 replayed transactions are in neither index (6 compared + 2 only in one)")
+
+
 def test_a_complete_copy_has_no_warning():
     both = [d for d in BASELINE if d["transaction_id"] != "t7"]
     report = compare(both, both, replayed=[d["transaction_id"] for d in both])
