@@ -1072,7 +1072,8 @@ def format_evaluation(report: dict[str, Any]) -> str:
         f"  {'fold':6} {'window (UTC)':34} {'train':>11} {'rows':>5} {'fraud':>5}   model: {header}   floor: {header}"
     )
     for e in report["folds"]:
-        window = f"{_iso_minute(e['from_ms'])}..{_iso_minute(e['to_ms'])[5:]}"
+        # Both ends with their year: the end's was cut, so a window over New Year read 2025-12-20 ..01-05.
+        window = f"{_iso_minute(e['from_ms'])}..{_iso_minute(e['to_ms'])}"
         train = f"{e['train_rows']} ({e['train_fraud']})"
         if "model" not in e:
             lines.append(f"  {e['fold']:<6} {window:34} {train:>11}   skipped: {e.get('skipped')}")

@@ -159,6 +159,43 @@ def test_the_latest_folds_calibrate_with_enough_legitimate_rows():
 # --- metrics ------------------------------------------------------------------------------------
 
 
+def test_the_fold_table_gives_each_windows_end_its_year_in_the_column():
+    """The end's year was cut (``2025-12-20 10:00..01-05 14:00``): a window over New Year read as going backwards."""
+    from datetime import UTC, datetime
+
+    def ms(*when: int) -> int:
+        return int(datetime(*when, tzinfo=UTC).timestamp() * 1000)
+
+    metrics = {"rows": 40, "fraud": 4, "roc_auc": 0.9, "roc_auc_ci95": [0.8, 0.95], "pr_auc": 0.5, "at_fpr": {}}
+    report = {
+        "method": "rolling-origin cross-validation",
+        "folds": [
+            {
+                "fold": 1,
+                "from_ms": ms(2025, 12, 20, 10),
+                "to_ms": ms(2026, 1, 5, 14),
+                "train_rows": 100,
+                "train_fraud": 9,
+                "model": metrics,
+                "floor": metrics,
+            },
+            {
+                "fold": 2,
+                "from_ms": ms(2026, 1, 5, 15),
+                "to_ms": ms(2026, 1, 9, 8),
+                "train_rows": 140,
+                "train_fraud": 0,
+                "skipped": "one class",
+            },
+        ],
+        "pooled": {"model": metrics, "floor": metrics},
+    }
+    header, first, second = fm.format_evaluation(report).splitlines()[1:4]
+    assert "2025-12-20 10:00..2026-01-05 14:00" in first and "2026-01-05 15:00..2026-01-09 08:00" in second
+    column = header.index("train") + len("train")
+    assert first.index("100 (9)") + len("100 (9)") == column == second.index("140 (0)") + len("140 (0)")
+
+
 def test_pr_auc_on_small_known_cases():
     assert pr_auc(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) == pytest.approx(1 / 2 + 1 / 2 * 2 / 3)
     assert pr_auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.2, 0.1])) == pytest.approx(1 / 4 + 1 / 2 * 2 / 3)
