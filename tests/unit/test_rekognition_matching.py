@@ -321,7 +321,7 @@ def test_checkout_inspect_with_rekognition_names_the_match_and_the_engine(tmp_pa
 
     image = picture((RED, 100, 60))
     doc = {"store_id": "store-001", "lane_id": "lane-01", "event_time": 1_800_000_000_000}
-    watchlist = SimpleNamespace(category=lambda s: "SUSPECT" if s == "subj-red" else None)
+    watchlist = SimpleNamespace(category=lambda s, at_ms=None: "SUSPECT" if s == "subj-red" else None)
 
     def inspector(collection_) -> CheckoutInspector:
         return CheckoutInspector(
