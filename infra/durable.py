@@ -63,14 +63,8 @@ def replace_durably(path: Path, data: bytes | str, mode: int | None = None) -> N
     The temp file's name is new for each write, so two writers of one path (two processes, or two threads) never
     write into each other's. ``mode``: the file's permission bits whatever the umask, from its creation on (0o600
     for a file only its owner may read); None: the umask's, as ``open`` gives."""
-    fd, tmp = _new_temp(path, 0o666 if mode is None else mode)
+    tmp = _synced_temp(path, data, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if mode is not None:
-                os.fchmod(f.fileno(), mode)  # the umask may have taken bits away
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,17 +76,11 @@ def create_once(path: Path, data: bytes | str, mode: int = 0o600) -> bool:
     """Create ``path`` holding ``data`` unless it exists; whether this call created it. Whole or not at all, for a
     reader in another process as after a power cut: a temp file beside it is written with ``mode`` (whatever the
     umask) and synced, then linked to the name, which fails when another writer got there first (its file stays)."""
-    fd, tmp = _new_temp(path, mode)
+    tmp = _synced_temp(path, data, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -110,6 +98,24 @@ def kept_secret(path: Path) -> str:
     if not value:
         raise ValueError(f"{path} holds no secret")
     return value
+
+
+def _synced_temp(path: Path, data: bytes | str, mode: int | None) -> Path:
+    """A new temp file beside ``path`` (:func:`_new_temp`) holding ``data``, synced, for :func:`replace_durably` and
+    :func:`create_once` to put in place; removed if the write fails. ``mode``: its permission bits whatever the umask;
+    None: the umask's."""
+    fd, tmp = _new_temp(path, 0o666 if mode is None else mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)  # the umask may have taken bits away
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _new_temp(path: Path, mode: int) -> tuple[int, Path]:
