@@ -76,7 +76,7 @@ from schemas.afd_csv import file_sha256, read_rows, replay_order, row_to_transac
 from schemas.codec import codec, json_safe
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import shown_id
-from schemas.model_artifact import id_digest
+from schemas.model_artifact import MODEL_META_FILE, id_digest
 from schemas.records import PosTransaction
 
 HISTORY_TOPIC = "history"
@@ -422,7 +422,7 @@ def _is_synthetic_default(version_dir: Path) -> bool:
     """Whether the version folder holds a model :func:`train_default` made (its ``model.json`` says so): never an
     operator's model, so one this code cannot load may be replaced by the default of this code's features."""
     try:
-        meta = json.loads((version_dir / "model.json").read_text())
+        meta = json.loads((version_dir / MODEL_META_FILE).read_text())
     except (OSError, ValueError):
         return False
     data = meta.get("data") if isinstance(meta, dict) else None
