@@ -365,6 +365,19 @@ def test_the_watchlist_service_may_make_every_s3_call_of_the_image_store() -> No
     assert not missing, f"the watchlist service's task role lacks {missing}"
 
 
+def services_whose_code_says(template: dict, pattern: re.Pattern[str]) -> set[str]:
+    """The ECS services whose command's module (its package's files, for a package run) matches ``pattern``."""
+    users = set()
+    for name, container in containers(template).items():
+        spec = find_spec(container["Command"][2])
+        assert spec is not None and spec.origin is not None, name
+        origin = Path(spec.origin)
+        sources = origin.parent.glob("*.py") if origin.name in ("__init__.py", "__main__.py") else [origin]
+        if any(pattern.search(path.read_text()) for path in sources):
+            users.add(name)
+    return users
+
+
 ALLOW_LIST = re.compile(r"\b(is_allowed|unlisted_owner|authenticate_command|allowed_room_ids)\b")
 
 
@@ -373,14 +386,9 @@ def test_every_ecs_service_that_checks_the_allow_list_gets_all_of_it() -> None:
     (``WebexSettings.is_allowed``, ``unlisted_owner``) alike: the dashboard had the people but not the rooms, so with
     rooms allowed it refused to assign a case to a room member whom the bot and the case service would take."""
     template = load(AWS_DIR / "services.yaml")
-    users = set()
+    users = services_whose_code_says(template, ALLOW_LIST)
     for name, container in containers(template).items():
-        spec = find_spec(container["Command"][2])
-        assert spec is not None and spec.origin is not None, name
-        origin = Path(spec.origin)
-        sources = origin.parent.glob("*.py") if origin.name in ("__init__.py", "__main__.py") else [origin]
-        if any(ALLOW_LIST.search(path.read_text()) for path in sources):
-            users.add(name)
+        if name in users:
             env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
             assert env.get("CG_WEBEX__ALLOWED_ROOMS") == {"Ref": "WebexAllowedRooms"}, name
             assert env.get("CG_WEBEX__ALLOWED_PEOPLE") == {"Ref": "WebexAllowedPeople"}, name
@@ -461,14 +469,9 @@ def test_every_ecs_service_that_shows_an_alerts_time_may_be_given_the_stores_zon
     know: the template set none, so on Fargate, whose containers run in UTC, every alert read in UTC, hours off the
     stores' clocks, with no parameter to say otherwise."""
     template = load(AWS_DIR / "services.yaml")
-    users = set()
+    users = services_whose_code_says(template, re.compile(r"\b(zone_of|store_time)\b"))
     for name, container in containers(template).items():
-        spec = find_spec(container["Command"][2])
-        assert spec is not None and spec.origin is not None, name
-        origin = Path(spec.origin)
-        sources = origin.parent.glob("*.py") if origin.name in ("__init__.py", "__main__.py") else [origin]
-        if any(re.search(r"\b(zone_of|store_time)\b", path.read_text()) for path in sources):
-            users.add(name)
+        if name in users:
             env = environment(container)
             for setting, parameter in STORE_ZONES.items():
                 assert env.get(setting) == {"Ref": parameter}, (name, setting)
