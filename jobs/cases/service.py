@@ -56,7 +56,7 @@ import typer
 from infra import clock, metrics
 from infra.clients import transactional
 from infra.clients.transactional import Out, Source
-from infra.command_auth import SIGNATURE_HEADER, authenticate_command, sign_command
+from infra.command_auth import SIGNATURE_HEADER, authenticate_command, claimed_details, sign_command
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import StopRequest, exit_deadline, stop_on_signals
 from infra.settings import Settings, get_settings
@@ -501,7 +501,6 @@ class CaseCore:
         if audit_id in self.done:
             return []
         log.warning("command at %s:%d:%d refused: %s", src.topic, src.partition, src.offset, error.reason)
-        claims = {"claimed_actor": cmd.actor, "claimed_command_id": cmd.command_id, "claimed_room_id": cmd.room_id}
         return [
             self._audit(
                 audit_id=audit_id,
@@ -510,7 +509,7 @@ class CaseCore:
                 outcome="FAILED",
                 actor=UNVERIFIED_ACTOR,
                 reason=f"{error.kind}: {error.reason}",
-                details={name: value[:256] for name, value in claims.items() if value},
+                details=claimed_details(cmd),
             ),
             self._dead_letter(src, error, now_ms),
         ]

@@ -76,7 +76,7 @@ from infra.clients.image_store import (
     store_outage,
 )
 from infra.clients.transactional import Out, Source
-from infra.command_auth import authenticate_command
+from infra.command_auth import authenticate_command, claimed_details
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import StopRequest, exit_deadline, stop_on_signals
 from infra.retry import Backoff
@@ -374,11 +374,10 @@ class WatchlistCore:
         ``checkout``): audited under its offset, the actor :data:`UNVERIFIED_ACTOR` and who it claims in the details,
         as a refusal is."""
         if self.settings.webex.command_signing_key is None:
-            claims = {"claimed_actor": cmd.actor, "claimed_command_id": cmd.command_id, "claimed_room_id": cmd.room_id}
             audit: dict[str, Any] = {
                 "audit_id": f"unverified:{src.topic}:{src.partition}:{src.offset}",
                 "actor": UNVERIFIED_ACTOR,
-                "details": {name: value[:256] for name, value in claims.items() if value},
+                "details": claimed_details(cmd),
             }
         else:
             try:
@@ -420,7 +419,6 @@ class WatchlistCore:
         if audit_id in self.done:
             return []
         log.warning("command at %s:%d:%d refused: %s", src.topic, src.partition, src.offset, error.reason)
-        claims = {"claimed_actor": cmd.actor, "claimed_command_id": cmd.command_id, "claimed_room_id": cmd.room_id}
         return [
             self._audit(
                 audit_id=audit_id,
@@ -429,7 +427,7 @@ class WatchlistCore:
                 outcome="FAILED",
                 actor=UNVERIFIED_ACTOR,
                 reason=f"{error.kind}: {error.reason}",
-                details={name: value[:256] for name, value in claims.items() if value},
+                details=claimed_details(cmd),
             ),
             self._dead_letter(src, error, now_ms),
         ]
