@@ -1214,6 +1214,12 @@ class ChannelWorker:
         """Whether the channel is found down (being probed until it answers)."""
         return self._down_since is not None
 
+    @property
+    def probe(self) -> Task | None:
+        """The task going out as the probe while the channel is down (None when up or between probes): sends
+        begun before the channel was found down are not probes, and may still be under way beside one."""
+        return self._probe
+
     def stop(self, until: float | None = None) -> None:
         """Take no more tasks, interrupt the channel's waits (``interrupt``, when it has one: a card waiting out a
         429) and wait for the sends under way, so that what they delivered is in the ledger before it closes

@@ -69,6 +69,8 @@ def run_tasks(
     done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
     ledger = closer.enter_context(closing(Ledger(stack_dir / "ledger.sqlite3")))
     worker = ChannelWorker(channel, ledger, settings, done, lambda ref: b"", clock=clock)
+    if isinstance(channel, FlakyChannel):
+        channel.worker = worker
     try:
         for task in tasks:
             worker.submit(task)
@@ -133,22 +135,26 @@ def test_an_smtp_outage_longer_than_all_attempts_delivers_each_alert_exactly_onc
 
 
 class FlakyChannel:
-    """Down (``DeliveryError(down=True)``) until ``up_at`` on the clock; records each send's real interval."""
+    """Down (``DeliveryError(down=True)``) until ``up_at`` on the clock; records each send's real interval and
+    whether it went out as the worker's probe."""
 
     name, can_check_sent = "email", False
 
     def __init__(self, clock: Clock, up_at: float) -> None:
         self.clock, self.up_at = clock, up_at
         self.lock = threading.Lock()
-        self.calls: list[tuple[float, float, bool]] = []
+        self.calls: list[tuple[float, float, bool, bool]] = []
         self.delivered: list[str] = []
+        self.worker: ChannelWorker | None = None
 
     def send(self, alert: dict[str, Any], image: bytes | None, maybe_sent: bool) -> str | None:
         start = time.monotonic()
+        probe = self.worker.probe if self.worker is not None else None
+        is_probe = probe is not None and probe.key[0] == alert["alert_id"]
         time.sleep(0.0005)
         up = self.clock.now() >= self.up_at
         with self.lock:
-            self.calls.append((start, time.monotonic(), up))
+            self.calls.append((start, time.monotonic(), up, is_probe))
             if up:
                 self.delivered.append(alert["alert_id"])
         if not up:
@@ -170,12 +176,13 @@ def test_a_down_channel_is_probed_one_send_at_a_time_and_then_sends_everything(
     outcomes, _, worker = run_tasks(closer, channel, settings, tasks, clock, tmp_path)
 
     assert all(o.delivered for o in outcomes) and sorted(channel.delivered) == sorted(t.key[0] for t in tasks)
-    failed = [(s, e) for s, e, up in channel.calls if not up]
-    first_wave_end = max(e for s, e in failed if s <= min(e for _, e in failed))
-    probes = sorted((s, e) for s, e in failed if s > first_wave_end)
+    probes = sorted((s, e) for s, e, up, is_probe in channel.calls if is_probe and not up)
+    before_down = [c for c in channel.calls if not c[2] and not c[3]]
     assert probes, "the outage was probed"
     assert all(later[0] >= earlier[1] for earlier, later in zip(probes, probes[1:], strict=False))  # never two
     assert len(probes) < 30  # capped backoff, one probe per pause: not one try per queued alert per round
+    # Only the sends taken before the first failure was seen go out beside the probes: one per thread at most.
+    assert len(before_down) <= settings.concurrency
     assert worker.failed_tries == 0
 
 
