@@ -5,6 +5,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 LINT_DIRS := producers jobs sinks schemas infra tests
+# pytest-xdist processes for the unit tests (auto: one per CPU); the e2e and pipeline tests run in one process
+TEST_WORKERS ?= auto
 
 .PHONY: help setup up down status topics reset lint static check run production test bench evaluate train backtest models train-default replay backtest-stream redrive labels chaos face-models
 
@@ -40,7 +42,7 @@ static: setup ## format check, lint (bugbear, complexity, length caps), type che
 	@.venv/bin/cfn-lint infra/aws/*.yaml
 
 check: static face-models ## the static gate, then the unit tests with warnings as errors
-	@$(PY) -m pytest -q tests/unit
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) tests/unit
 
 run: setup face-models train-default ## start the stack, the scoring job and the OpenSearch sink, drive live demo traffic (Ctrl-C stops)
 	@$(PY) -m infra.demo
@@ -48,8 +50,11 @@ run: setup face-models train-default ## start the stack, the scoring job and the
 production: setup face-models ## the real services only, supervised, against the configured Kafka/OpenSearch/...; ARGS="--only dashboard"
 	@$(PY) -m infra.production $(ARGS)
 
-test: setup face-models ## run the test suite (e2e tests start the stack themselves)
-	@$(PY) -m pytest -q tests
+test: setup face-models ## the unit tests (in TEST_WORKERS processes), then the e2e and pipeline tests (one process: they share the stack it starts)
+	@unit=0; rest=0; \
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) tests/unit || unit=$$?; \
+	  $(PY) -m pytest -q tests/e2e tests/pipeline || rest=$$?; \
+	  [ $$unit -eq 0 ] && [ $$rest -eq 0 ]
 
 face-models: setup ## fetch FacePlugin's network (one of the default embedder fused3's) with npm (pinned, hash-checked; fast when there)
 	@$(PY) -m jobs.faces fetch-models || case "$${CG_FACES__EMBEDDER:-fused3}" in \
