@@ -74,6 +74,12 @@ EMAIL_MAX = 254
 """The longest e-mail address: RFC 5321's longest path (256 octets) less its angle brackets."""
 IP_TEXT_MAX = 64
 """The longest IP address text: a full IPv6 address (45 characters) with a zone (``%eth0``) fits."""
+IP_LIST_MAX = 16
+"""The most addresses an ``ip_address`` list may hold (the client and the proxies an X-Forwarded-For header names: a
+real one holds a handful)."""
+IP_LIST_TEXT_MAX = 1024
+"""The longest ``ip_address`` list text: 16 IPv4 addresses with spaces take about 250 characters, long IPv6 ones
+about 750."""
 _IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 
 
@@ -107,21 +113,35 @@ def check_email(value: object, field: str = "customer_email") -> str:
     )
 
 
+def _one_ip_address(value: str) -> bool:
+    """Whether ``value`` is one IPv4 address (zero-padded octets too) or one IPv6 address (a zone, an embedded IPv4)."""
+    if len(value) > IP_TEXT_MAX or not value.isprintable() or " " in value:
+        return False
+    if _IPV4_RE.fullmatch(value):
+        return all(int(octet) <= 255 for octet in value.split("."))
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def check_ip_address(value: object, field: str = "ip_address") -> str:
-    """``value`` if it is an IPv4 address (zero-padded octets too, as some logs write them) or an IPv6 address (with a
-    zone, an embedded IPv4), else :class:`InvalidRecord` ``invalid_id`` naming the field and the length."""
-    if isinstance(value, str) and len(value) <= IP_TEXT_MAX and value.isprintable() and " " not in value:
-        if _IPV4_RE.fullmatch(value):
-            if all(int(octet) <= 255 for octet in value.split(".")):
-                return value
-        else:
-            try:
-                ipaddress.IPv6Address(value)
-            except ValueError:
-                pass
-            else:
-                return value
-    raise InvalidRecord("invalid_id", f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6)")
+    """The client's address in ``value``: ``value`` itself when it is one IPv4 address (zero-padded octets too, as
+    some logs write them) or one IPv6 address (with a zone, an embedded IPv4); the first of a comma-separated list, as
+    an X-Forwarded-For header gives it (``203.0.113.7, 10.0.0.2``: the client, then each proxy), when every one of its
+    at most :data:`IP_LIST_MAX` elements is an address and the whole is at most :data:`IP_LIST_TEXT_MAX` characters.
+    Else :class:`InvalidRecord` ``invalid_id`` naming the field and the length. Refused, such a list dead-lettered the
+    sales of every shop behind a proxy; one element that is no address makes the list a forgery or garbage."""
+    if isinstance(value, str) and len(value) <= IP_LIST_TEXT_MAX:
+        parts = [part.strip(" ") for part in value.split(",")] if "," in value else [value]
+        if len(parts) <= IP_LIST_MAX and all(map(_one_ip_address, parts)):
+            return parts[0]
+    raise InvalidRecord(
+        "invalid_id",
+        f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6, or a comma-separated list of at most "
+        f"{IP_LIST_MAX}, the client first)",
+    )
 
 
 COMMAND_ID_MAX = 512

@@ -35,12 +35,15 @@ FREE_IDENTITIES = ("card_token", "customer_email", "ip_address")
 """Identities kept as given (no id pattern) that key a customer's or an identity's history: stripped, and
 blank means none -- a lone space would otherwise be one shared profile for every shopper who sent one. An e-mail
 is lower-cased too: mail providers deliver ``Mule@Example.com`` to ``mule@example.com``, and keyed as written,
-alternating capitals split one shopper into two histories (half the velocity of a burst)."""
+alternating capitals split one shopper into two histories (half the velocity of a burst). An IP address list (an
+X-Forwarded-For header's, the client first) is its client's address: the one the profiles, the model and Fraud
+Detector see, the same for a sale sent with the list or with that address alone."""
 IDENTITY_CHECKS = {"card_token": check_card_token, "customer_email": check_email, "ip_address": check_ip_address}
-"""The bound on each of :data:`FREE_IDENTITIES` once normalized (``invalid_id``, naming the field and its length): each
-keys a profile in state, and a card token is the customer key OpenSearch indexes (a term over 32 766 bytes is refused
-there): unbounded, a 500 000-character one was kept and sent on. Shapes only, loose enough for every real value: an
-address up to RFC 5321's 254 characters, IPv4 or IPv6, a token of any processor's format."""
+"""The bound on each of :data:`FREE_IDENTITIES` once normalized (``invalid_id``, naming the field and its length),
+returning the value kept (an IP list's first address): each keys a profile in state, and a card token is the customer
+key OpenSearch indexes (a term over 32 766 bytes is refused there): unbounded, a 500 000-character one was kept and sent
+on. Shapes only, loose enough for every real value: an address up to RFC 5321's 254 characters, IPv4 or IPv6 (or an
+X-Forwarded-For list of them), a token of any processor's format."""
 
 
 def check_size(value: bytes | None, max_bytes: int) -> None:
@@ -124,19 +127,19 @@ def _check_ids(tx: dict[str, Any]) -> None:
 
 
 def _normalize_identities(tx: dict[str, Any], as_sent: dict[str, Any] | None) -> None:
-    """:data:`FREE_IDENTITIES` normalized in ``tx`` (their values as sent into ``as_sent``), then bounded
-    (:data:`IDENTITY_CHECKS`)."""
+    """:data:`FREE_IDENTITIES` normalized in ``tx`` and bounded (:data:`IDENTITY_CHECKS`), their values as sent
+    into ``as_sent``."""
     sent = {name: tx[name] for name in FREE_IDENTITIES}
     for name in FREE_IDENTITIES:
         if tx[name] is not None:
             tx[name] = tx[name].strip() or None
     if tx["customer_email"] is not None:  # one mailbox, however its capitals are written: one history
         tx["customer_email"] = tx["customer_email"].lower()
-    if as_sent is not None:
-        as_sent.update((name, was) for name, was in sent.items() if tx[name] != was)
     for name, check_identity in IDENTITY_CHECKS.items():
         if tx[name] is not None:
-            check_identity(tx[name], name)
+            tx[name] = check_identity(tx[name], name)
+    if as_sent is not None:
+        as_sent.update((name, was) for name, was in sent.items() if tx[name] != was)
 
 
 def _check_item_text(item: dict[str, Any], at: int) -> None:

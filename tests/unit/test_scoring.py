@@ -7,6 +7,7 @@ import pytest
 
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
+from jobs.model.fraud_model import FEATURE_NAMES, feature_row
 from jobs.scoring.claims import ConflictingTransaction
 from jobs.scoring.features import CustomerProfile, Receipt, StoreActivity, customer_key
 from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decide
@@ -394,7 +395,10 @@ def test_a_scored_field_of_free_text_over_128_characters_is_dead_lettered_and_a_
         ("ip_address", "1" * 200_000),
         ("ip_address", "256.1.1.1"),
         ("ip_address", "fe80::1%\x1b[2J"),
-        ("ip_address", "10.0.0.1, 10.0.0.2"),
+        ("ip_address", "10.0.0.1, not-an-address"),
+        ("ip_address", "10.0.0.1,,10.0.0.2"),
+        ("ip_address", "10.0.0.1, "),
+        ("ip_address", ", ".join(["10.0.0.1"] * 17)),
     ],
 )
 def test_a_card_token_email_or_ip_past_any_real_ones_bound_is_dead_lettered_naming_the_field_not_the_text(field, text):
@@ -430,6 +434,32 @@ def test_real_card_tokens_emails_and_ip_addresses_pass(field, text):
     changes: dict[str, Any] = {field: text}
     parsed = parse_transaction(replace(sale("t1"), **changes).encode(), T0, 1 << 20)
     assert parsed[field] == (text.lower() if field == "customer_email" else text)
+
+
+def test_an_x_forwarded_for_ip_list_is_scored_as_its_client_address_and_one_with_a_bad_element_is_refused():
+    """A shop behind a proxy sends the header's list, the client first: refused, every such sale was dead-lettered
+    and never scored. The client address is what the profiles key and the model sees, as if sent alone."""
+    forwarded = ("203.0.113.7, 10.0.0.2", "203.0.113.7,10.0.0.2,  2001:db8::1", " 203.0.113.7 ")
+    for n, text in enumerate(forwarded):
+        as_sent: dict[str, Any] = {}
+        parsed = parse_transaction(replace(sale(f"t{n}"), ip_address=text).encode(), T0, 1 << 20, as_sent=as_sent)
+        assert parsed["ip_address"] == "203.0.113.7"
+        assert as_sent == {"ip_address": text}, "a dead letter of it holds the record as sent"
+    as_list, alone = Scorer(Settings()), Scorer(Settings())
+    list_state, alone_state = ScoringState(), ScoringState()
+    for n in range(4):  # four cards from one client: the IP's profile links them, whichever way the IP was sent
+        tx = sale(f"v{n}", at_s=n * 60, card=f"card-{n}")
+        got = []
+        for scorer, state, ip in ((as_list, list_state, "203.0.113.7, 10.0.0.2"), (alone, alone_state, "203.0.113.7")):
+            sent = replace(tx, ip_address=ip)
+            out, _ = scorer.observe(scorer.parse(sent.encode(), None, "transactions", 0, n, sent.event_time), state)
+            got.append((feature_row(out[0], dict(out[1])), sorted(out[1].items())))
+        assert got[0] == got[1]
+    assert dict(zip(FEATURE_NAMES, got[0][0], strict=True))["link_tx_before_max"] == 3.0
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(replace(sale("t9"), ip_address="203.0.113.7, 10.0.0.300").encode(), T0, 1 << 20)
+    assert err.value.kind == "invalid_id" and err.value.reason.startswith("ip_address is not an IP address (")
+    assert "203.0.113.7" not in err.value.reason
 
 
 def test_a_blank_identity_is_no_identity_not_one_profile_shared_by_every_shopper_who_sent_it():
