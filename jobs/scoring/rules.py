@@ -57,6 +57,12 @@ FACE_INDICATORS: tuple[str, ...] = ("buyer_face_mismatch",)
 """Indicators drawn from the same lane snapshot as the watchlist match. With it they are one piece of evidence,
 not two (a snapshot of the wrong person gives a suspect match and a returner who is not the buyer at once), so
 only the heaviest of them counts towards the risk."""
+NO_FACE_INDICATORS: tuple[str, ...] = ("no_photo_verification",)
+"""The indicators ``face.unavailable_return_indicator`` may name (or null, for none): those that say a return had no
+usable face. Any other is computed from the transaction and means something else (``return_unknown_receipt``,
+``velocity_exceeded``, ``buyer_face_mismatch``: the face evidence of a returner who is not the buyer): named there,
+a camera outage raised it, a false reason for the alert and the analyst, and ``buyer_face_mismatch`` counted the
+outage as face evidence. Its points are ``weights.no_photo_verification``."""
 FACE_STATUSES = frozenset({"UNAVAILABLE", "NO_FACE"})
 """The face statuses ``face.unavailable_statuses`` may list: those that mean "no usable face". ``NO_MATCH`` and
 ``MATCHED`` are a face seen; with ``MATCHED`` listed a suspect's match on a return raised the "no face" indicator
@@ -513,8 +519,15 @@ def _face(data: dict, errors: list[str], published: bool = False) -> tuple[int |
         )
         statuses = []
     indicator = face.get("unavailable_return_indicator", "no_photo_verification")
+    allowed = f"{', '.join(NO_FACE_INDICATORS)}, or null for none"
     if indicator is not None and not (isinstance(indicator, str) and indicator in KNOWN_INDICATORS):
-        errors.append(f"face.unavailable_return_indicator: unknown indicator {_shown(indicator)}")
+        errors.append(f"face.unavailable_return_indicator: unknown indicator {_shown(indicator)} (allowed: {allowed})")
+    elif indicator is not None and indicator not in NO_FACE_INDICATORS:
+        errors.append(
+            f"face.unavailable_return_indicator: {indicator} does not say a return had no usable face (allowed: "
+            f"{allowed}): a camera outage would raise it, a false reason; give no_photo_verification the points "
+            "in weights"
+        )
     return suspect, alone, statuses, indicator
 
 

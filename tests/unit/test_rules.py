@@ -275,6 +275,29 @@ def test_a_published_rule_set_listing_a_status_no_face_stage_gives_still_loads_w
         RuleSet.from_yaml(yaml.safe_dump(data), published=True)
 
 
+@pytest.mark.parametrize("published", [False, True])
+@pytest.mark.parametrize(
+    "indicator,message",
+    [
+        ("no_such_indicator", "face.unavailable_return_indicator: unknown indicator 'no_such_indicator'"),
+        ("velocity_exceeded", "face.unavailable_return_indicator: velocity_exceeded does not say a return had no"),
+        ("return_unknown_receipt", "return_unknown_receipt does not say a return had no usable face"),
+        ("buyer_face_mismatch", "buyer_face_mismatch does not say a return had no usable face"),
+    ],
+)
+def test_a_no_photo_indicator_that_is_unknown_or_says_something_else_is_refused(indicator, message, published):
+    """Any known indicator was taken: a camera outage on a return then raised ``velocity_exceeded`` (a false reason),
+    or ``buyer_face_mismatch`` (face evidence of a returner who is not the buyer) with no face seen at all."""
+    data = RuleSet.default().to_dict()
+    data["face"]["unavailable_return_indicator"] = indicator
+    with pytest.raises(RuleSetError) as err:
+        RuleSet.from_yaml(yaml.safe_dump(data), published=published)
+    assert message in str(err.value) and "allowed: no_photo_verification, or null for none" in str(err.value)
+    data["face"]["unavailable_return_indicator"] = None  # none: a return without a face raises nothing
+    off = RuleSet.from_yaml(yaml.safe_dump(data), published=published)
+    assert decide(return_of("r1", None).to_avro(), {}, ModelResult(), FaceResult(status="NO_FACE"), off).reasons == ()
+
+
 def test_a_suspect_match_and_a_returner_who_is_not_the_buyer_are_one_piece_of_face_evidence():
     """Both come from the same lane snapshot: summed (60 + 40) a snapshot of the wrong person blocked a return
     by itself, whatever the card said."""
