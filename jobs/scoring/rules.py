@@ -184,7 +184,8 @@ class RuleSet:
     ``match_alone_may_block``: a match is evidence for a person to weigh, so face evidence alone makes REVIEW;
     with other indicators it may reach BLOCK."""
     match_alone_may_block: bool = False
-    """Explicit opt-in to rule sets where face evidence alone reaches ``block_at`` (refused otherwise)."""
+    """Explicit opt-in to rule sets where face evidence alone reaches ``block_at`` (refused otherwise). Not for the
+    weight of ``unavailable_return_indicator``: a camera outage alone never blocks, whatever this says."""
     unavailable_statuses: frozenset[str] = frozenset({"UNAVAILABLE", "NO_FACE"})
     unavailable_return_indicator: str | None = "no_photo_verification"
     """Indicator raised on a return whose face status is one of ``unavailable_statuses``."""
@@ -281,6 +282,13 @@ class RuleSet:
                         else ""
                     )
                 )
+        no_photo = weights.get(indicator) if statuses and isinstance(indicator, str) else None
+        if no_photo is not None and block_at is not None and no_photo >= block_at:
+            errors.append(  # no opt-in: match_alone_may_block is about a face seen, and a camera may fail everywhere
+                f"weights.{indicator} ({no_photo}) >= {block_name} ({block_at}): a camera outage alone (no usable "
+                "face on a return) would block every return; keep it below block_at (no photo alone then makes "
+                "REVIEW at most)"
+            )
         if not errors and not published:
             errors.extend(_never_reviews(weights, bands, suspect, names.get("thresholds.review_at"), review_at))
         if errors:

@@ -276,6 +276,27 @@ def test_a_published_rule_set_listing_a_status_no_face_stage_gives_still_loads_w
 
 
 @pytest.mark.parametrize("published", [False, True])
+def test_a_rule_set_where_a_camera_outage_alone_would_block_every_return_is_refused_even_with_the_opt_in(published):
+    """``no_photo_verification`` at or above block_at blocked every return while a lane camera was down, with no
+    other evidence; unlike a face match, no opt-in allows it."""
+    data = RuleSet.default().to_dict()
+    data["weights"]["no_photo_verification"] = 85
+    data["face"]["match_alone_may_block"] = True
+    with pytest.raises(RuleSetError) as err:
+        RuleSet.from_yaml(yaml.safe_dump(data), published=published)
+    assert "weights.no_photo_verification (85) >= thresholds.block_at (85): a camera outage alone" in str(err.value)
+    with pytest.raises(RuleSetError, match=r"CG_RULES__BLOCK_AT \(20\): a camera outage alone"):
+        RuleSet.from_settings(RulesSettings(block_at=20, review_at=10))
+    data["weights"]["no_photo_verification"] = 84
+    rules = RuleSet.from_yaml(yaml.safe_dump(data), published=published)
+    decision = decide(return_of("r1", None).to_avro(), {}, ModelResult(), FaceResult(status="UNAVAILABLE"), rules)
+    assert (decision.outcome, decision.reasons) == ("REVIEW", ("no_photo_verification",))
+    data["face"]["unavailable_statuses"] = []  # no status raises it: its weight blocks nothing
+    data["weights"]["no_photo_verification"] = 90
+    assert RuleSet.from_yaml(yaml.safe_dump(data), published=published).weights["no_photo_verification"] == 90
+
+
+@pytest.mark.parametrize("published", [False, True])
 @pytest.mark.parametrize(
     "indicator,message",
     [
