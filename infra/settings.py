@@ -645,6 +645,11 @@ def _is_zone(name: str) -> bool:
     return True
 
 
+LedgerJournalMode = Literal["wal", "delete", "truncate", "persist"]
+"""The SQLite journal modes the alert sender's ledger may use: each keeps a committed row across a killed process
+(``memory`` and ``off`` do not, so they are no choice)."""
+
+
 class AlertSettings(BaseModel, frozen=True):
     """The alert sender (sinks/alerts/sender.py): channels, retries, the dedup ledger, message links."""
 
@@ -664,6 +669,17 @@ class AlertSettings(BaseModel, frozen=True):
 
     ledger_path: Path | None = None
     """SQLite dedup ledger; defaults to ``<stack dir>/alerts/<topic prefix>ledger.sqlite3``."""
+    ledger_journal_mode: LedgerJournalMode = "wal"
+    """SQLite's journal for the ledger: ``wal`` on a local disk (readers never wait for the writer); ``delete`` (or
+    ``truncate``, ``persist``: the same rollback journal) for a ledger on a network file system (EFS, NFS), where WAL's
+    index, memory shared through a file, is not safe (SQLite's own advice). The ECS template sets ``delete``."""
+
+    @field_validator("ledger_journal_mode", mode="before")
+    @classmethod
+    def _journal_mode_any_case(cls, value: object) -> object:
+        """SQLite takes the mode in any case (``DELETE``, as its documentation writes it)."""
+        return value.strip().lower() if isinstance(value, str) else value
+
     concurrency: int = Field(default=32, ge=1)
     """Sends in flight per channel (50 ms per send x 32 ~ 600 alerts/s per channel); the Webex rooms' channels share
     them (one bot, one rate limit), each room an equal share and at least one."""

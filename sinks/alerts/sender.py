@@ -69,7 +69,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar, get_args
 
 import typer
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -97,7 +97,7 @@ from infra.processes import (
     time_left,
 )
 from infra.retry import Backoff, call_with_retries
-from infra.settings import AlertSettings, Settings, get_settings
+from infra.settings import AlertSettings, LedgerJournalMode, Settings, get_settings
 from schemas.codec import codec
 from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
@@ -194,13 +194,23 @@ def parse_retentions(configs: dict[str, dict[str, str]], topics: Sequence[str]) 
     return out
 
 
+def ledger_path(settings: Settings) -> Path:
+    """The delivery ledger's file: ``CG_ALERTS__LEDGER_PATH``, else ``<stack dir>/alerts/<prefix>ledger.sqlite3``."""
+    default = Path(settings.stack_dir) / "alerts" / f"{settings.kafka.topic_prefix}ledger.sqlite3"
+    return settings.alerts.ledger_path or default
+
+
 class Ledger:
-    """Durable ``(alert_id, channel) -> sending | sent``; WAL mode survives a killed process.
+    """Durable ``(alert_id, channel) -> sending | sent``; every committed row survives a killed process.
 
     Writes are group-committed by one writer thread: a sending thread's ``mark_*`` returns only once
     its row is committed, and every row waiting at that moment shares the commit (hundreds of sends
-    per second would otherwise queue on one commit each). ``synchronous=NORMAL`` keeps every committed
-    row across a process crash (SIGKILL); only an OS crash can lose the last milliseconds of rows.
+    per second would otherwise queue on one commit each). ``journal_mode`` (``CG_ALERTS__LEDGER_JOURNAL_MODE``):
+    ``wal`` on a local disk, where ``synchronous=NORMAL`` keeps every committed row across a process crash (SIGKILL)
+    and only an OS crash can lose the last milliseconds of rows; a rollback journal (``delete``...) on a network file
+    system, where WAL's shared-memory index is not safe, with ``synchronous=FULL``, which in that mode is what keeps
+    an OS crash from corrupting the file (one more sync per group commit). The mode is set after the layout check, so
+    a file refused is left as it was.
     """
 
     SENDING_SQL = "INSERT OR IGNORE INTO deliveries VALUES (?, ?, 'sending', ?, NULL)"
@@ -224,17 +234,21 @@ class Ledger:
         "WHERE (subject_id = ? OR transaction_id = ?) AND until_ms >= ? LIMIT 1"
     )
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, journal_mode: LedgerJournalMode = "wal") -> None:
+        if journal_mode not in get_args(LedgerJournalMode):  # it goes into a PRAGMA
+            raise ValueError(f"no journal mode for the ledger: {journal_mode!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         try:  # a file of an earlier layout: migrated; an unknown one: refused, left as it was
             ledger_schema.prepare(self._db, path)
+            mode = self._db.execute(f"PRAGMA journal_mode={journal_mode}").fetchone()[0]
+            self._db.execute(f"PRAGMA synchronous={'NORMAL' if journal_mode == 'wal' else 'FULL'}")
         except BaseException:
             self._db.close()
             raise
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        if mode != journal_mode:
+            log.warning("alert sender: the delivery ledger %s kept journal mode %s, not %s", path, mode, journal_mode)
         self._lock = threading.Lock()
         self._writes: queue.SimpleQueue[_WriteItem | None] = queue.SimpleQueue()
         self._closed = False
@@ -246,8 +260,7 @@ class Ledger:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ledger:
-        default = Path(settings.stack_dir) / "alerts" / f"{settings.kafka.topic_prefix}ledger.sqlite3"
-        return cls(settings.alerts.ledger_path or default)
+        return cls(ledger_path(settings), settings.alerts.ledger_journal_mode)
 
     def state(self, alert_id: str, channel: str) -> str | None:
         with self._reading() as db:

@@ -144,3 +144,80 @@ def test_a_new_ledger_gets_the_current_version(tmp_path: Path) -> None:
         pass
     with closing(sqlite3.connect(tmp_path / "ledger.sqlite3")) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == LEDGER_VERSION
+
+
+def beside(path: Path) -> set[str]:
+    """The WAL files SQLite keeps beside ``path`` while a WAL connection is open."""
+    return {p.name for p in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")) if p.exists()}
+
+
+def test_a_ledger_with_the_rollback_journal_keeps_what_it_recorded_across_a_reopen_and_writes_no_wal(
+    tmp_path: Path,
+) -> None:
+    """On ECS the ledger lives on EFS, a network file system, where SQLite's WAL (an index in memory shared through
+    the ``-shm`` file) is not safe: ``CG_ALERTS__LEDGER_JOURNAL_MODE=delete`` keeps it in the rollback journal, each
+    commit synced in full, and a replaced task finds every row."""
+    path = tmp_path / "ledger.sqlite3"
+    with closing(Ledger(path, journal_mode="delete")) as ledger:
+        ledger.mark_sent("alert-1", "webex", "m-1", ("m-1",), {"subject_id": "subj-1"}, NOW - 1000)
+        ledger.mark_sending("alert-2", "email")
+        ledger.mark_dead_lettered("alerts:0:7", "alert-3", "delivery_failed")
+        ledger.record_forgets([("audit-1", "subj-1", None, NOW)])
+        assert beside(path) == set()
+        with ledger._reading() as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+            assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with closing(Ledger(path, journal_mode="delete")) as reopened:
+        assert reopened.states(["alert-1", "alert-2"]) == {
+            ("alert-1", "webex"): "sent",
+            ("alert-2", "email"): "sending",
+        }
+        assert reopened.dead_lettered(["alerts:0:7"]) == {"alerts:0:7"}
+        assert reopened.due_posts(NOW, None) == {"m-1": ("webex", "subj-1")}
+        assert beside(path) == set()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_ledger_of_each_earlier_layout_is_migrated_with_the_rollback_journal_too(tmp_path: Path, layout: str) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    written_by(path, LAYOUTS[layout])
+    with closing(Ledger(path, journal_mode="delete")) as ledger:
+        assert ledger.state("alert-1", "webex") == "sent"
+        ledger.mark_sent("alert-3", "webex", "m-3")
+        assert beside(path) == set()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LEDGER_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert columns(db) == fresh_columns(tmp_path)
+
+
+def test_a_wal_ledger_moved_to_network_storage_switches_to_the_rollback_journal_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    """A ledger a sender wrote on a local disk (WAL, the default), copied to the file system a task mounts."""
+    path = tmp_path / "ledger.sqlite3"
+    with closing(Ledger(path)) as local:
+        local.mark_sent("alert-1", "webex", "m-1")
+        assert beside(path)  # WAL, as before
+    with closing(Ledger(path, journal_mode="delete")) as ledger:
+        assert ledger.state("alert-1", "webex") == "sent"
+        ledger.mark_sent("alert-2", "webex", "m-2")
+        assert beside(path) == set()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_the_ledger_takes_its_journal_mode_from_the_settings(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from infra.settings import AlertSettings, Settings
+
+    assert AlertSettings().ledger_journal_mode == "wal"  # a local disk, as before
+    assert AlertSettings(ledger_journal_mode=" DELETE ").ledger_journal_mode == "delete"  # SQLite's spelling
+    with pytest.raises(ValidationError, match="ledger_journal_mode"):
+        AlertSettings(ledger_journal_mode="memory")  # loses committed rows with the process
+    path = tmp_path / "ledger.sqlite3"
+    settings = Settings(alerts=AlertSettings(ledger_path=path, ledger_journal_mode="delete"))
+    with closing(Ledger.from_settings(settings)) as ledger:
+        ledger.mark_sent("alert-1", "webex", "m-1")
+        assert beside(path) == set()

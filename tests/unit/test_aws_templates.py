@@ -9,7 +9,9 @@ own decoder, which understands CloudFormation's short-form tags (``!Ref``, ``!Su
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_args
@@ -21,7 +23,9 @@ from pydantic import BaseModel, SecretStr
 from infra import metrics
 from infra.aws import generate
 from infra.settings import KafkaSettings, MetricsSettings, Settings
+from producers.camera_bridge import saved_records_path
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS
+from sinks.alerts.sender import ledger_path
 
 AWS_DIR = Path(generate.__file__).parent
 TEMPLATES = sorted(AWS_DIR.glob("*.yaml"))
@@ -477,3 +481,151 @@ def test_every_ecs_service_that_shows_an_alerts_time_may_be_given_the_stores_zon
                 assert env.get(setting) == {"Ref": parameter}, (name, setting)
     assert users == {"alert-sender", "dashboard"}
     assert all(template["Parameters"][p]["Default"] == "" for p in STORE_ZONES.values())  # unset: as before
+
+
+STATE_FILES: dict[str, Callable[[Settings], Path]] = {
+    "alert-sender": ledger_path,  # the delivery ledger: without it, delivered alerts are sent again
+    "camera-bridge": saved_records_path,  # the records Kafka had not taken at the last stop
+}
+"""The files a service keeps across its restarts, by the functions that name them (on ECS, on the EFS file system:
+before, on the task's own disk, lost whenever ECS replaced the task; the new alert sender sent delivered alerts
+again, second mails and Webex messages, and lost the ids of the messages a forget must delete, and the new bridge lost
+the records Kafka had not taken)."""
+KEEPS_STATE = re.compile(r"\b(Ledger\.from_settings|saved_records_path)\b")
+MOUNT_ACTIONS = {"elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"}
+PARAMETERS = {"TopicPrefix": "cg-test.", "AWS::Region": "eu-west-1"}
+
+
+def the_file_system(template: dict[str, Any]) -> str:
+    ((fs_id, _),) = resources(template, "AWS::EFS::FileSystem").items()
+    return fs_id
+
+
+def task_of(template: dict[str, Any], container: dict[str, Any]) -> dict[str, Any]:
+    (task,) = (
+        r
+        for r in resources(template, "AWS::ECS::TaskDefinition").values()
+        if container in r["Properties"]["ContainerDefinitions"]
+    )
+    return task["Properties"]
+
+
+def efs_grants(template: dict[str, Any], task: dict[str, Any]) -> list[dict[str, Any]]:
+    """The statements of the task's role that allow an EFS action."""
+    role = template["Resources"][task["TaskRoleArn"]["Fn::GetAtt"][0]]
+    return [
+        s
+        for policy in role["Properties"].get("Policies", [])
+        for s in policy["PolicyDocument"]["Statement"]
+        if any(
+            a.startswith("elasticfilesystem:") for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        )
+    ]
+
+
+def resolved_environment(container: dict[str, Any]) -> dict[str, str]:
+    """A container's environment with ``!Ref``/``!Sub`` of :data:`PARAMETERS` resolved; other entries left out."""
+    out = {}
+    for name, value in environment(container).items():
+        if isinstance(value, str):
+            out[name] = value
+        elif value.get("Ref") in PARAMETERS:
+            out[name] = PARAMETERS[value["Ref"]]
+        elif isinstance(value.get("Fn::Sub"), str) and set(re.findall(r"\$\{([\w:]+)\}", value["Fn::Sub"])) <= set(
+            PARAMETERS
+        ):
+            out[name] = re.sub(r"\$\{([\w:]+)\}", lambda m: PARAMETERS[m[1]], value["Fn::Sub"])
+    return out
+
+
+def test_the_state_file_system_is_encrypted_takes_tls_only_and_is_reached_in_each_private_subnet() -> None:
+    template = load(AWS_DIR / "services.yaml")
+    fs_id = the_file_system(template)
+    fs = template["Resources"][fs_id]["Properties"]
+    assert fs["Encrypted"] is True
+    (deny,) = (s for s in fs["FileSystemPolicy"]["Statement"] if s["Effect"] == "Deny")
+    assert (deny["Principal"], deny["Action"]) == ({"AWS": "*"}, "*")
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+    targets = resources(template, "AWS::EFS::MountTarget").values()
+    subnets = {"Fn::Split": [",", {"Fn::ImportValue": {"Fn::Sub": "${NetworkStack}-PrivateSubnets"}}]}
+    assert sorted(t["Properties"]["SubnetId"]["Fn::Select"][0] for t in targets) == [0, 1, 2]
+    for target in targets:
+        assert target["Properties"]["FileSystemId"] == {"Ref": fs_id}
+        assert target["Properties"]["SubnetId"]["Fn::Select"][1] == subnets
+        assert target["Properties"]["SecurityGroups"] == [
+            {"Fn::ImportValue": {"Fn::Sub": "${NetworkStack}-StateSecurityGroup"}}
+        ]
+    network = load(AWS_DIR / "network.yaml")
+    ingress = network["Resources"]["StateSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert [(r["IpProtocol"], r["FromPort"], r["ToPort"], r["SourceSecurityGroupId"]) for r in ingress] == [
+        ("tcp", 2049, 2049, {"Ref": "ServicesSecurityGroup"})
+    ]
+    export = network["Outputs"]["StateSecurityGroup"]["Export"]["Name"]
+    assert export == {"Fn::Sub": "${AWS::StackName}-StateSecurityGroup"}
+
+
+def test_exactly_the_services_that_keep_files_mount_the_state_file_system_each_with_tls_and_iam_of_its_own() -> None:
+    """Each through an access point of its own (its POSIX user, its folder), with a task role of its own that may mount
+    and write (no root access) through that access point only; no other service mounts it or may."""
+    template = load(AWS_DIR / "services.yaml")
+    assert services_whose_code_says(template, KEEPS_STATE) == set(STATE_FILES)
+    fs_id = the_file_system(template)
+    owners = {}
+    for name, container in containers(template).items():
+        task = task_of(template, container)
+        volumes = [v for v in task.get("Volumes", []) if "EFSVolumeConfiguration" in v]
+        if name not in STATE_FILES:
+            assert not volumes and not container.get("MountPoints") and not efs_grants(template, task), name
+            continue
+        (volume,) = volumes
+        config = volume["EFSVolumeConfiguration"]
+        assert (config["FilesystemId"], config["TransitEncryption"]) == ({"Ref": fs_id}, "ENABLED"), name
+        assert config["AuthorizationConfig"]["IAM"] == "ENABLED", name
+        point_id = config["AuthorizationConfig"]["AccessPointId"]["Ref"]
+        point = template["Resources"][point_id]["Properties"]
+        assert point["FileSystemId"] == {"Ref": fs_id}
+        user, created = point["PosixUser"], point["RootDirectory"]["CreationInfo"]
+        assert (created["OwnerUid"], created["OwnerGid"]) == (user["Uid"], user["Gid"]), name
+        owners[name] = (point_id, user["Uid"], user["Gid"], point["RootDirectory"]["Path"])
+        (grant,) = efs_grants(template, task)
+        assert grant["Effect"] == "Allow" and set(grant["Action"]) == MOUNT_ACTIONS, name
+        assert grant["Resource"] == {"Fn::GetAtt": [fs_id, "Arn"]}, name
+        point_arn = {"Fn::GetAtt": [point_id, "Arn"]}
+        assert grant["Condition"] == {"StringEquals": {"elasticfilesystem:AccessPointArn": point_arn}}, name
+        roles = [t["Properties"]["TaskRoleArn"] for t in resources(template, "AWS::ECS::TaskDefinition").values()]
+        assert roles.count(task["TaskRoleArn"]) == 1, f"{name} shares its task role"
+        (mount,) = container["MountPoints"]
+        assert mount["SourceVolume"] == volume["Name"] and not mount.get("ReadOnly"), name
+    assert set(owners) == set(STATE_FILES)
+    for part in range(4):  # access point, uid, gid, folder: each service's own
+        assert len({owned[part] for owned in owners.values()}) == len(owners), owners
+
+
+@pytest.mark.parametrize("name", sorted(STATE_FILES))
+def test_a_service_that_keeps_files_keeps_them_on_its_mount_in_one_task_at_a_time(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its settings put the files on the mount (the ledger with SQLite's rollback journal: WAL is not safe over a
+    network file system); one task, whose replacement starts once it has stopped (two never write one ledger), and
+    only once the file system is reachable in every private subnet."""
+    template = load(AWS_DIR / "services.yaml")
+    container = containers(template)[name]
+    (mount,) = container["MountPoints"]
+    for key in [k for k in os.environ if k.startswith("CG_") and k != "CG_ENV_FILE"]:
+        monkeypatch.delenv(key)
+    for key, value in resolved_environment(container).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert STATE_FILES[name](settings).is_relative_to(mount["ContainerPath"])
+    if name == "alert-sender":
+        assert settings.alerts.ledger_journal_mode == "delete"
+        assert ledger_path(settings).name == "cg-test.ledger.sqlite3"  # one per topic prefix, as by default
+
+    (service,) = (
+        r for r in resources(template, "AWS::ECS::Service").values() if r["Properties"]["ServiceName"] == name
+    )
+    assert service["Properties"]["DesiredCount"] == 1
+    deployment = service["Properties"]["DeploymentConfiguration"]
+    assert (deployment["MaximumPercent"], deployment["MinimumHealthyPercent"]) == (100, 0)
+    assert set(service["DependsOn"]) == set(resources(template, "AWS::EFS::MountTarget"))
