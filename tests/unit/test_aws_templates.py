@@ -179,6 +179,21 @@ def test_every_ecs_service_checks_the_health_port_infra_metrics_gives_it() -> No
         assert container["Command"][:2] == ["python", "-m"] and find_spec(container["Command"][2]), name
 
 
+def test_prometheus_in_the_vpc_may_reach_every_ecs_services_metrics_port() -> None:
+    """The services' security group lets the VPC in on each service's ``/metrics`` port (it stopped one short of the
+    case service's)."""
+    template = load(AWS_DIR / "services.yaml")
+    ingress = load(AWS_DIR / "network.yaml")["Resources"]["ServicesSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    open_ports = [(r["FromPort"], r["ToPort"]) for r in ingress if r["IpProtocol"] == "tcp"]
+    for service in resources(template, "AWS::ECS::Service").values():
+        task = template["Resources"][service["Properties"]["TaskDefinition"]["Ref"]]["Properties"]
+        (container,) = task["ContainerDefinitions"]
+        env = {e["Name"]: e["Value"] for e in container["Environment"] if "Name" in e}
+        settings = Settings(metrics=MetricsSettings(base_port=int(env["CG_METRICS__BASE_PORT"])))
+        port = metrics.port_of(settings, container["Name"])
+        assert any(low <= port <= high for low, high in open_ports), (container["Name"], port, open_ports)
+
+
 def test_the_job_sees_the_real_camera_and_a_face_deadline_long_enough_for_it() -> None:
     """The job's start check (``face_deadline_problem``) needs the stage's camera mode: without
     ``CG_CAMERAS__BASE_URL`` it passes any deadline, and the demo's 4 s would decide every checkout faceless."""
