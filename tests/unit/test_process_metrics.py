@@ -829,6 +829,27 @@ def test_case_service_counts_a_verdict_that_waited_for_its_case_as_one_command()
     assert growth.since() == expected
 
 
+def test_the_hourly_compaction_marker_is_no_forget_nor_removed_case_in_records_out() -> None:
+    """The marker each service appends once a segment on its compacted topic is a tombstone of a key that never had
+    a record: it was counted as ``watchlist_tombstone`` / ``cases_tombstone``, so a quiet store showed one forget and
+    one removed case an hour. A real tombstone is still counted."""
+    from infra.clients.transactional import Out, count
+    from schemas.topics import CASES, COMPACTION_MARKER, HOUR_MS, WATCHLIST
+
+    core = CaseCore(Settings())
+    core.marked_at = cases.NOW
+    [marker] = core.expire(cases.NOW + HOUR_MS)
+    assert marker.key == COMPACTION_MARKER
+    for stage_name, topic, outs in (
+        ("case-service", CASES, [marker]),
+        ("watchlist-service", WATCHLIST, [Out(WATCHLIST, COMPACTION_MARKER, None), Out(WATCHLIST, b"subj-a", None)]),
+    ):
+        expected = {key(OUT, stage=stage_name, kind=f"{topic.name}_tombstone"): float(topic == WATCHLIST)}
+        growth = Growth(expected)
+        count(stage_name, outs)
+        assert growth.since() == expected, stage_name
+
+
 # --------------------------------------------------------------------------- webex-bot
 
 
