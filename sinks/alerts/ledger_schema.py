@@ -44,11 +44,12 @@ TABLES: dict[str, str] = {
 }
 """The current layout, table by table."""
 
-INDEXES = (
-    *(f"CREATE INDEX IF NOT EXISTS posts_{c} ON posts ({c})" for c in ("subject_id", "transaction_id", "posted_ms")),
-    *(f"CREATE INDEX IF NOT EXISTS {t}_at_ms ON {t} (at_ms)" for t in ("deliveries", "dead_letters")),
-)
-"""Each sweep's and :meth:`sinks.alerts.sender.Ledger.prune`'s lookups: no table scans."""
+INDEXES: dict[str, str] = {
+    **{f"posts_{c}": f"posts ({c})" for c in ("subject_id", "transaction_id", "posted_ms")},
+    **{f"{t}_at_ms": f"{t} (at_ms)" for t in ("deliveries", "dead_letters")},
+}
+"""Index name -> what it indexes: each sweep's and :meth:`sinks.alerts.sender.Ledger.prune`'s lookups, no table
+scans."""
 
 CURRENT_COLUMNS: dict[str, tuple[str, ...]] = {
     "deliveries": ("alert_id", "channel", "state", "at_ms", "detail"),
@@ -78,7 +79,13 @@ class LedgerLayoutError(CheckoutGuardError, RuntimeError):
 def prepare(db: sqlite3.Connection, path: Path) -> None:
     """Bring the ledger ``db`` (at ``path``, for the error) to :data:`LEDGER_VERSION`: create a new one, migrate
     an earlier one, in one transaction (a crash leaves the file as it was); :class:`LedgerLayoutError` for a file of
-    a newer version or of a layout it does not know. ``db`` is in autocommit mode (``isolation_level=None``)."""
+    a newer version or of a layout it does not know. ``db`` is in autocommit mode (``isolation_level=None``).
+
+    A current file (the version and every index there) is only read: the write lock is taken only to change the file.
+    Before, every open took it, so an open of a current ledger waited up to SQLite's busy timeout (30 s) behind
+    another process's write, for nothing."""
+    if _is_current(db):
+        return
     db.execute("BEGIN IMMEDIATE")  # two processes opening one file: the second sees the first's migration
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -90,13 +97,23 @@ def prepare(db: sqlite3.Connection, path: Path) -> None:
             )
         if version < LEDGER_VERSION:
             _migrate(db, path, version)
-        for sql in INDEXES:
-            db.execute(sql)
+        for name, on in INDEXES.items():
+            db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {on}")
         db.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _is_current(db: sqlite3.Connection) -> bool:
+    """Whether ``db`` is at :data:`LEDGER_VERSION` with every index of :data:`INDEXES`, read without a write lock
+    (a reader waits on no writer). Anything else goes through :func:`prepare`'s locked path, which reads the
+    version again under the lock (another process may have migrated it meanwhile) and refuses a newer file."""
+    if db.execute("PRAGMA user_version").fetchone()[0] != LEDGER_VERSION:
+        return False
+    found = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return found >= INDEXES.keys()
 
 
 def columns(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -221,3 +223,41 @@ def test_the_ledger_takes_its_journal_mode_from_the_settings(tmp_path: Path) -> 
     with closing(Ledger.from_settings(settings)) as ledger:
         ledger.mark_sent("alert-1", "webex", "m-1")
         assert beside(path) == set()
+
+
+def test_opening_a_current_ledger_does_not_wait_for_another_processs_write(tmp_path: Path) -> None:
+    """Every open took the write lock to look at the version, so a restarted sender waited up to SQLite's busy
+    timeout (30 s) behind another process's write though nothing was to migrate; a current file is only read."""
+    path = tmp_path / "ledger.sqlite3"
+    with closing(Ledger(path)):
+        pass
+    opened: list[float] = []
+
+    def open_it() -> None:
+        started = time.monotonic()
+        with closing(Ledger(path)) as ledger:
+            opened.append(time.monotonic() - started)
+            assert ledger.state("alert-1", "webex") is None
+
+    with closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process writing
+        other.execute("INSERT INTO deliveries VALUES ('alert-9', 'webex', 'sending', 1, NULL)")
+        opening = threading.Thread(target=open_it, daemon=True)
+        opening.start()
+        opening.join(5)
+        other.rollback()
+    opening.join(35)
+    assert opened and opened[0] < 5, f"the open waited {opened}s for the other write"
+
+
+def test_a_current_ledger_missing_an_index_gets_it_back_at_open(tmp_path: Path) -> None:
+    """The read-only open is taken only when nothing is to do: an index missing still goes through the migration."""
+    path = tmp_path / "ledger.sqlite3"
+    with closing(Ledger(path)):
+        pass
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("DROP INDEX posts_posted_ms")
+    with closing(Ledger(path)):
+        pass
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'posts_posted_ms'").fetchone() == (1,)
