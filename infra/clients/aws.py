@@ -25,6 +25,19 @@ class MissingAwsRegion(CheckoutGuardError, ValueError):
     """A service that needs an AWS region and neither the setting nor boto3's chain gave one."""
 
 
+def standard_retry_wait_s(attempts: int) -> float:
+    """The longest botocore's ``standard`` retry mode waits between the ``attempts`` tries of one call:
+    ``rand * min(2^i, 20)`` s, raised by an ``x-amz-retry-after`` answer by 5 s at most (22 s for 4 tries)."""
+    return sum(min(2**i, 20) + 5 for i in range(attempts - 1))
+
+
+def call_limit_s(attempts: int, timeout_s: float) -> float:
+    """The longest one botocore call takes in ``standard`` retry mode with ``attempts`` tries whose connect and read
+    each time out after ``timeout_s``: every try timing out twice (connecting, reading) plus the waits between them.
+    What a ``/healthz`` limit must outlast, so that a call waiting out its timeouts never gets a process restarted."""
+    return attempts * 2 * timeout_s + standard_retry_wait_s(attempts)
+
+
 def aws_session(
     region: str | None,
     access_key_id: SecretStr | None = None,

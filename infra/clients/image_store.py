@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from infra.clients import aws
 from infra.clock import now_ms
 from infra.durable import fsync_dir, make_dirs_durably, replace_durably
 from infra.settings import Settings
@@ -132,6 +133,13 @@ def store_outage(exc: BaseException) -> bool:
 S3_ATTEMPTS = 4
 """Calls per S3 request in botocore's ``standard`` retry mode (throttling, 5xx and lost connections tried again with
 backoff), each bounded by ``CG_FACES__IMAGE_STORE_TIMEOUT_S``; then :func:`store_outage` tells the caller."""
+
+
+def call_limit_s(timeout_s: float) -> float:
+    """The longest one S3 call of the image store takes with ``CG_FACES__IMAGE_STORE_TIMEOUT_S`` = ``timeout_s``
+    (:func:`infra.clients.aws.call_limit_s`: 62 s at the default 5 s, past a 60 s ``/healthz`` limit)."""
+    return aws.call_limit_s(S3_ATTEMPTS, timeout_s)
+
 
 _MISSING_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 """S3's answers for an object that is not there (a HEAD has no body, so only its status: ``404``)."""

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from infra.clients import aws
 from infra.settings import FaceSettings
 from schemas.errors import CheckoutGuardError
 
@@ -45,9 +46,8 @@ among known subjects, and still deleted by ``forget``."""
 ATTEMPTS = 4
 """Calls per request in botocore's ``standard`` retry mode: throttling, 5xx and connection errors are tried again
 with jittered exponential backoff, then the error is the caller's (bounded: a command never waits long)."""
-RETRY_WAIT_S = sum(min(2**i, 20) + 5 for i in range(ATTEMPTS - 1))
-"""The longest botocore's ``standard`` mode waits between the tries of one call: ``rand * min(2^i, 20)`` s, raised by
-an ``x-amz-retry-after`` answer by 5 s at most (22 s for 4 tries)."""
+RETRY_WAIT_S = aws.standard_retry_wait_s(ATTEMPTS)
+"""The longest botocore's ``standard`` mode waits between the tries of one call (22 s for 4 tries)."""
 TRANSIENT_CODES = frozenset(
     {"ThrottlingException", "ProvisionedThroughputExceededException", "LimitExceededException", "RequestTimeout"}
 )
@@ -169,7 +169,7 @@ def _connection_trouble(exc: Exception) -> bool:
 def call_limit_s(timeout_s: float) -> float:
     """The longest one Rekognition call takes when each try's connect and read time out after ``timeout_s``: every
     try timing out twice (connecting, reading) plus :data:`RETRY_WAIT_S`."""
-    return ATTEMPTS * 2 * timeout_s + RETRY_WAIT_S
+    return aws.call_limit_s(ATTEMPTS, timeout_s)
 
 
 def _image(image: bytes | str) -> dict[str, Any]:

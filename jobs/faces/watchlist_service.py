@@ -75,6 +75,7 @@ from infra.clients.image_store import (
     store_holding,
     store_outage,
 )
+from infra.clients.image_store import call_limit_s as store_call_limit_s
 from infra.clients.transactional import Out, Source
 from infra.command_auth import authenticate_command, claimed_details
 from infra.logs import LOG_LEVEL_HELP, setup_logging
@@ -109,8 +110,9 @@ PROCESS = "watchlist-service"
 """The ``stage`` label of this process's metrics (its name in ``infra.metrics.PROCESSES``)."""
 SERVICE_ACTOR = WATCHLIST_SERVICE_ACTOR
 CATEGORY = {"FRAUD": "SUSPECT", "VIP": "VIP"}
-REKOGNITION_MARGIN_S = 10.0
-"""Beyond one Rekognition call's longest (:func:`call_limit_s`), for the work around it, in ``/healthz``'s limit."""
+AWS_CALL_MARGIN_S = 10.0
+"""Beyond one Rekognition or S3 call's longest (:func:`health_limit_s`), for the work around it, in ``/healthz``'s
+limit."""
 UNVERIFIED_ACTOR = "unverified"
 """The audit actor of a refused command: who it claims to come from is only in its details."""
 INSPECT = "INSPECT"
@@ -166,12 +168,18 @@ def retained_subject(reason: str) -> str | None:
 
 
 def health_limit_s(settings: Settings, default_s: float) -> float:
-    """How long the service may make no progress before ``/healthz`` says so: ``default_s``, or with the Rekognition
-    backend at least one call's longest (:func:`jobs.faces.rekognition.call_limit_s`) plus
-    :data:`REKOGNITION_MARGIN_S`, so a call that waits out its timeouts never gets the service restarted."""
-    if settings.faces.backend != "rekognition":
-        return default_s
-    return max(default_s, call_limit_s(settings.faces.rekognition_search_timeout_s) + REKOGNITION_MARGIN_S)
+    """How long the service may make no progress before ``/healthz`` says so: ``default_s``, or at least the longest
+    of one call to AWS it makes, plus :data:`AWS_CALL_MARGIN_S`, so a call that waits out its timeouts never gets the
+    service restarted: a Rekognition call with the Rekognition backend (:func:`jobs.faces.rekognition.call_limit_s`),
+    an S3 call with the S3 image store (:func:`infra.clients.image_store.call_limit_s`, whatever the face backend:
+    before, only Rekognition's counted, and with the local backend one S3 call that did not answer, 62 s at the
+    default 5 s a try, outlasted the 60 s)."""
+    faces, calls = settings.faces, []
+    if faces.backend == "rekognition":
+        calls.append(call_limit_s(faces.rekognition_search_timeout_s))
+    if faces.image_store == "s3":
+        calls.append(store_call_limit_s(faces.image_store_timeout_s))
+    return max([default_s, *(call + AWS_CALL_MARGIN_S for call in calls)])
 
 
 def purge_missing_bucket(exc: BaseException, store: ImageStore) -> str | None:

@@ -548,6 +548,27 @@ def test_the_watchlist_services_rekognition_calls_time_out_in_seconds_within_the
     assert health_limit_s(Settings(stack_dir=tmp_path), default) == default, "the local backend makes no such call"
 
 
+def test_one_s3_call_that_waits_out_its_timeouts_keeps_healthz_alive_with_the_local_backend(tmp_path) -> None:
+    """Only Rekognition's calls raised the /healthz limit: with the local face backend and the S3 image store, one S3
+    call that did not answer (4 tries, each timing out connecting and reading at 5 s, botocore's waits between) took
+    62 s, past the 60 s, and the supervisor restarted a service that was only waiting for S3."""
+    from infra.clients.aws import standard_retry_wait_s
+    from infra.clients.image_store import S3ImageStore
+    from infra.metrics import Heartbeat
+    from infra.settings import FaceSettings, Settings
+    from jobs.faces.watchlist_service import health_limit_s
+
+    default = Heartbeat().stale_s
+    for timeout_s in (FaceSettings().image_store_timeout_s, 30.0):
+        faces = FaceSettings(image_store="s3", aws_endpoint_url="http://127.0.0.1:9", image_store_timeout_s=timeout_s)
+        settings = Settings(stack_dir=tmp_path, faces=faces)
+        assert settings.faces.backend == "local"
+        config = S3ImageStore(settings).s3.meta.config  # the client the service calls S3 with (no request is made)
+        tries = config.retries["total_max_attempts"]
+        longest = tries * (config.connect_timeout + config.read_timeout) + standard_retry_wait_s(tries)
+        assert health_limit_s(settings, default) > longest > default, timeout_s
+
+
 def test_a_command_of_several_slow_rekognition_calls_keeps_healthz_alive(tmp_path) -> None:
     """A forget lists the subject's faces (page by page), then deletes them: each call bounded, but together longer
     than /healthz's 60 s, which took the service for hung. Each call that ends now counts as progress."""
