@@ -17,6 +17,8 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.metrics import ConsumerLagCollector, Endpoint, serve
 from infra.processes import all_done_by, exit_deadline, time_left
 from infra.settings import Settings, get_settings
+from schemas.errors import InvalidRecord
+from schemas.identifiers import check_actor
 from sinks.dashboard.app import DashboardConfigError, create_app
 from sinks.dashboard.case_routes import FirstVerdictPublisher
 from sinks.dashboard.login import hash_password
@@ -105,6 +107,11 @@ def hash_password_command(
     person: Annotated[str, typer.Argument(help="the login, as on CG_WEBEX__ALLOWED_PEOPLE (an e-mail address)")],
 ) -> None:
     """Ask for a password twice (not echoed) and print the CG_DASHBOARD__USERS entry for PERSON."""
+    try:
+        check_actor(person, "the login name")  # the login is the actor of its verdicts: refused at login otherwise
+    except InvalidRecord as exc:
+        typer.echo(exc.reason, err=True)
+        raise typer.Exit(2) from None
     password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
     if len(password) < MIN_PASSWORD:
         typer.echo(f"a dashboard password has at least {MIN_PASSWORD} characters", err=True)

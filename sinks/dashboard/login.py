@@ -30,7 +30,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from infra.settings import AlertSettings, DashboardSettings
 from infra.signed_links import verify_image_link
-from schemas.errors import CheckoutGuardError
+from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import check_actor
 
 REALM = "Checkout Guard"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -102,6 +103,18 @@ def opened_by_link(key: str | None, case_id: str, which: str, query: Mapping[str
 def _secret(value) -> str | None:
     """A ``SecretStr``'s value; empty counts as unset."""
     return (value.get_secret_value() if value is not None else None) or None
+
+
+def unrecordable(user: str) -> str | None:
+    """Why no verdict could be recorded under the login name ``user``, None when one can: the login is a verdict's
+    ``actor`` (:func:`schemas.identifiers.check_actor`, 1 to 254 printable characters). Before, such a login was let
+    in and every verdict it gave was refused. Told from the name alone, never repeating it, so the 401 that says it
+    tells nothing of which logins exist."""
+    try:
+        check_actor(user, "the login name")
+    except InvalidRecord as exc:
+        return f"{exc.reason}: a verdict records the login name as its actor"
+    return None
 
 
 class LoginBackend(AuthenticationBackend):
@@ -200,6 +213,7 @@ class LoginBackend(AuthenticationBackend):
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
         scheme, _, value = conn.headers.get("authorization", "").partition(" ")
         scheme, value = scheme.lower(), value.strip()
+        refused = "login required"
         if scheme == "bearer" and self.token is not None and secrets.compare_digest(_digest(value), self.token):
             return AuthCredentials(["authenticated"]), SimpleUser(TOKEN_USER)
         if scheme == "basic" and (self.single is not None or self.users):
@@ -208,11 +222,13 @@ class LoginBackend(AuthenticationBackend):
             except (binascii.Error, UnicodeDecodeError):
                 raise AuthenticationError("malformed Basic credentials") from None
             personal = sep and user not in (TOKEN_USER, IMAGE_LINK_USER)
+            if personal and (why := unrecordable(user)):  # refused before any check: no scrypt, no lockout try
+                personal, refused = False, why
             if personal and await run_in_threadpool(self._person, user, password):  # scrypt off the event loop
                 return AuthCredentials(["authenticated"]), SimpleUser(user)
         if self._image_link(conn):
             return AuthCredentials(["case-image"]), SimpleUser(IMAGE_LINK_USER)
-        raise AuthenticationError("login required")
+        raise AuthenticationError(refused)
 
     def challenge(self, _conn: HTTPConnection, exc: AuthenticationError) -> Response:
         """The 401: one ``WWW-Authenticate`` challenge per accepted scheme (Basic first, for browsers)."""

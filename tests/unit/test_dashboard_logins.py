@@ -206,6 +206,28 @@ def test_hash_password_prints_the_users_entry() -> None:
     assert short.exit_code == 2
 
 
+def test_a_login_name_no_verdict_could_be_recorded_under_is_refused_at_login_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A verdict's actor is the login name, 1 to 254 printable characters (``check_actor``): a longer login was let
+    in, and every verdict it gave was then refused. It is refused at login now (before any scrypt), and
+    ``hash-password`` will not make its entry; a login of exactly 254 characters still works."""
+    from schemas.identifiers import ACTOR_MAX
+
+    longest, over = "a" * (ACTOR_MAX - len("@example.com")) + "@example.com", "a" * ACTOR_MAX + "@example.com"
+    users = {"users": {name: SecretStr(ANA) for name in (longest, over)}}
+    client = served(**users)
+    assert client.get("/api/config", headers=basic(longest, "ana's long password")).status_code == 200
+    checks: list[str] = []
+    monkeypatch.setattr(login, "verify_password", lambda p, e: checks.append(p) or True)
+    refused = client.get("/api/config", headers=basic(over, "ana's long password"))
+    assert refused.status_code == 401 and not checks
+    assert f"1 to {ACTOR_MAX} printable characters" in refused.text and "actor" in refused.text
+    assert over not in refused.text, "the name itself is never echoed"
+    made = CliRunner().invoke(dashboard_main.cli, ["hash-password", over], input="a long password\na long password\n")
+    assert made.exit_code == 2 and f"1 to {ACTOR_MAX} printable characters" in made.output
+
+
 def test_personal_logins_reach_a_child_process_intact(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings().model_copy(update={"dashboard": DashboardSettings(**USERS)})
     env = settings.to_env()
