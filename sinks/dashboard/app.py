@@ -102,6 +102,7 @@ from sinks.dashboard.queries import (
     shape_labels_summary,
     shape_overview,
     transaction_by_id_query,
+    with_store_times,
 )
 
 log = logging.getLogger(__name__)
@@ -169,14 +170,17 @@ class Dashboard:
         return Window(start_ms=end - minutes * 60_000, end_ms=end, store=store)
 
     def overview(self, window: Window) -> dict[str, Any]:
-        return shape_overview(self.search(self.transactions, overview_query(window)), window)
+        shaped = shape_overview(self.search(self.transactions, overview_query(window)), window)
+        return with_store_times(shaped, window.store, self.settings.alerts)
 
     def latest_alerts(self, window: Window) -> dict[str, Any]:
         answer = self.search(self.alerts, alerts_query(window, self.settings.dashboard.alerts_shown))
         return shape_alerts(answer, self.settings.alerts)
 
     def face_activity(self, window: Window) -> dict[str, Any]:
-        return shape_faces(self.search(self.faces, faces_query(window)))
+        return with_store_times(
+            shape_faces(self.search(self.faces, faces_query(window))), window.store, self.settings.alerts
+        )
 
     def models(self, window: Window) -> dict[str, Any]:
         """Both models' score distributions in the window and their ROC-AUC on its labelled transactions."""

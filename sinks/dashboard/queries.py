@@ -393,6 +393,26 @@ def shape_alerts(answer: dict[str, Any], alerts: AlertSettings) -> dict[str, Any
     return {"total": _total(answer), "kinds": _buckets(answer.get("aggregations", {}).get("kinds")), "alerts": rows}
 
 
+def one_clock(store: str | None, alerts: AlertSettings) -> bool:
+    """Whether the charts of ``store`` (None: every store) have one store-local clock: a store chosen, or a chain
+    whose stores all keep ``CG_ALERTS__TIMEZONE`` (no ``CG_ALERTS__STORE_TIMEZONES`` entry says otherwise)."""
+    return bool(store) or all(zone == alerts.timezone for zone in alerts.store_timezones.values())
+
+
+def with_store_times(shaped: dict[str, Any], store: str | None, alerts: AlertSettings) -> dict[str, Any]:
+    """``shaped`` (an overview or the face activity) with each chart point's ``local`` (its bucket's start) and the
+    window's ``local_end`` as the alert messages give times (:func:`store_time`: the store's zone, named), where the
+    charts have one such clock (:func:`one_clock`); as it was otherwise, a chain across zones with no store chosen,
+    which the page shows in the viewer's own zone, named. Before, the charts were in UTC while the alert list and the
+    case pages gave store times. ``t`` and ``end`` stay epoch ms."""
+    if not one_clock(store, alerts):
+        return shaped
+    out = {**shaped, "series": [{**p, "local": store_time(p.get("t"), store, alerts)} for p in shaped["series"]]}
+    if isinstance(window := shaped.get("window"), dict):
+        out["window"] = {**window, "local_end": store_time(window.get("end"), store, alerts)}
+    return out
+
+
 def shape_faces(answer: dict[str, Any]) -> dict[str, Any]:
     aggs = answer.get("aggregations", {})
     return {

@@ -5,6 +5,7 @@ the message a guard came from."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -120,3 +121,81 @@ def test_the_live_page_shows_each_alerts_time_in_its_stores_zone() -> None:
     )
     [card] = shown["nodes"]["alerts"]["children"]
     assert re.search(r'class="meta">2027-01-15 03:00:00 EST · store S-NYC<', card), card
+
+
+class Charted:
+    """Every index answers one chart bucket, starting at T."""
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        buckets = [{"key": T, "doc_count": 1}]
+        return {"hits": {"total": {"value": 1}, "hits": []}, "aggregations": {"series": {"buckets": buckets}}}
+
+
+def chart_answers(settings: Settings = SETTINGS, store: str = "") -> dict[str, Any]:
+    """The live page's chart answers (overview, face activity) for ``store`` ("" = every store)."""
+    board = Dashboard(settings, client=Charted(), clock=lambda: (T + MIN) / 1000)  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    return {path: client.get(path, params={"store": store}).json() for path in ("/api/overview", "/api/faces")}
+
+
+def test_the_chart_answers_give_store_times_where_the_charts_have_one_clock() -> None:
+    """The live page's charts and window end were in UTC while its alert list and the case pages gave store times.
+    With a store chosen, or a chain of one zone, each point (and the window's end) comes on that store's clock, as
+    the alert messages give times; a chain across zones with no store chosen has no one store clock: no local times
+    (the page uses the viewer's own zone, named)."""
+    nyc = chart_answers(store="S-NYC")
+    for path in ("/api/overview", "/api/faces"):
+        assert [(p["t"], p["local"]) for p in nyc[path]["series"]] == [(T, "2027-01-15 03:00:00 EST")], path
+    assert nyc["/api/overview"]["window"]["local_end"] == "2027-01-15 03:01:00 EST"
+    berlin = chart_answers(store="S-BER")  # a store in no zone of its own: the chain's
+    assert berlin["/api/overview"]["series"][0]["local"] == "2027-01-15 09:00:00 CET"
+    one_zone = chart_answers(Settings(alerts={"timezone": "Europe/Berlin"}))
+    assert one_zone["/api/faces"]["series"][0]["local"] == "2027-01-15 09:00:00 CET"
+    assert one_zone["/api/overview"]["window"]["local_end"] == "2027-01-15 09:01:00 CET"
+    mixed = chart_answers()
+    assert "local" not in mixed["/api/overview"]["series"][0] and "local_end" not in mixed["/api/overview"]["window"]
+    assert "local" not in mixed["/api/faces"]["series"][0]
+
+
+CHART_TEXTS = (
+    "await h.run({ runs: 0 });"
+    "return { status: h.nodes.status.textContent, texts: h.created.map((e) => e.textContent) };"
+)
+"""The live page's status line and the text of every element it made (the charts' ticks among them)."""
+
+
+def _live_charts(charts: dict[str, Any]) -> dict[str, Any]:
+    return run_page(
+        "app.js",
+        {
+            "/api/config": [[200, {"refresh_ms": 3000, "window_minutes": 60}]],
+            "/api/overview": [[200, charts["/api/overview"]]],
+            "/api/alerts": [[200, {"total": 0, "alerts": []}]],
+            "/api/faces": [[200, charts["/api/faces"]]],
+        },
+        scenario=CHART_TEXTS,
+    )
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_live_pages_charts_show_the_stores_clock_else_the_viewers_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Australia/Adelaide")  # the viewer's browser: 18:30 at T
+    shown = _live_charts(chart_answers(store="S-NYC"))
+    assert "window ends 03:01:00 EST · " in shown["status"] and "UTC" not in shown["status"], shown["status"]
+    assert "03:00" in shown["texts"] and not {"08:00", "18:30"} & set(shown["texts"]), "every chart's ticks, sales too"
+    shown = _live_charts(chart_answers())  # a chain across zones, every store: the viewer's clock, named
+    assert "window ends 18:31:00 your time, Australia/Adelaide · " in shown["status"], shown["status"]
+    assert "18:30" in shown["texts"] and "08:00" not in shown["texts"], shown["texts"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_chart_tick_of_an_hours_bucket_keeps_its_minutes_on_a_clock_off_the_hour() -> None:
+    ticks = [
+        ["2027-01-15 13:30:00 IST", 3600],
+        ["2027-01-15 03:00:00 EST", 3600],
+        ["2027-01-15 00:00:00 CET", 86400],
+        ["2027-01-15 19:00:00 EST", 86400],
+        ["2027-01-15 03:00:05 EST", 5],
+    ]
+    script = f"return {json.dumps(ticks)}.map(([local, s]) => fmtTime(0, s, local));"
+    assert run_page("common.js", scenario=script) == ["01-15 13:30", "01-15 03h", "01-15", "01-15 19h", "03:00:05"]

@@ -60,7 +60,7 @@ function salesSeries(series, currencies) {
     }
   });
   const points = series.map((p) => {
-    const q = { t: p.t };
+    const q = { t: p.t, local: p.local };  // the point's time on the store's clock, where the server gave it
     for (const c of currencies) { q[`revenue ${c}`] = p.revenue[c] || 0; q[`prevented ${c}`] = p.prevented[c] || 0; }
     return q;
   });
@@ -161,8 +161,8 @@ async function refresh() {
     state.renders += 1;
     document.body.dataset.renders = String(state.renders);
     status.className = "status";
-    const end = isoUtc(overview.window.end)?.slice(11, 19) ?? String(overview.window.end);
-    status.textContent = withNote(state, `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`);
+    const end = chartClock(overview.window);  // the charts' clock, named: the store's, else the viewer's
+    status.textContent = withNote(state, `${overview.window.store ? `store ${overview.window.store} · ` : ""}window ends ${end} · updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
     state.stopped = false;
     state.timer = setTimeout(refresh, state.refreshMs);

@@ -59,14 +59,39 @@ function storeTime(local, ms) {
   const iso = isoUtc(ms);
   return iso ? `${iso} UTC` : String(ms);
 }
-// A chart's tick or tip for a point's time, shorter as the interval grows (UTC); a time no date can hold is shown as
+// A time in epoch milliseconds as "YYYY-MM-DD hh:mm:ss" in the viewer's own zone (HERE_ZONE); null where isoUtc
+// gives none.
+function isoHere(ms) {
+  if (isoUtc(ms) === null) return null;
+  const d = new Date(ms), two = (n) => String(n).padStart(2, "0");
+  const year = d.getFullYear();
+  if (year < 0 || year > 9999) return null;
+  return `${String(year).padStart(4, "0")}-${two(d.getMonth() + 1)}-${two(d.getDate())} ` +
+    `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+}
+const HERE_ZONE = (() => {
+  try { return Intl.DateTimeFormat().resolvedOptions().timeZone || "your browser's zone"; } catch (e) { return "your browser's zone"; }
+})();
+// A chart's tick or tip for a point's time, shorter as the interval grows: `local`, the point's time as the server
+// gave it on the store's clock ("2027-01-15 03:00:00 EST", where the charts have one: one store, or one zone for the
+// chain), else the viewer's own zone (the status line names the clock); before, always UTC. Minutes are kept for an
+// hour's bucket that starts off the hour there (a zone 30 or 45 minutes off UTC). A time no date can hold is shown as
 // it came (the charts put it in as text): it threw before, and no chart of the page was drawn.
-function fmtTime(t, intervalS) {
-  const iso = isoUtc(t);
-  if (iso === null) return String(t);
-  if (intervalS >= 86400) return iso.slice(5, 10);
-  if (intervalS >= 3600) return `${iso.slice(5, 10)} ${iso.slice(11, 13)}h`;
-  return iso.slice(11, intervalS < 60 ? 19 : 16);
+function fmtTime(t, intervalS, local) {
+  const text = (typeof local === "string" && local) || isoHere(t);
+  if (text === null) return String(t);
+  const day = text.slice(5, 10), minute = text.slice(11, 16);
+  const hour = minute.endsWith(":00") ? `${minute.slice(0, 2)}h` : minute;
+  if (intervalS >= 86400) return minute === "00:00" ? day : `${day} ${hour}`;
+  if (intervalS >= 3600) return `${day} ${hour}`;
+  return text.slice(11, intervalS < 60 ? 19 : 16);
+}
+// The clock of the live page's charts, for its status line: the window's end on it, named ("03:01:00 EST", the
+// server's local_end), else on the viewer's own ("09:01:00 your time, Europe/Paris").
+function chartClock(w) {
+  if (typeof w.local_end === "string" && w.local_end) return w.local_end.slice(11);
+  const here = isoHere(w.end);
+  return here === null ? String(w.end) : `${here.slice(11, 19)} your time, ${HERE_ZONE}`;
 }
 function compact(v) {
   const a = Math.abs(v);
@@ -134,7 +159,7 @@ function stackedBars(container, series, keys, intervalS) {
   const f = frame(container);
   const totals = series.map((p) => keys.reduce((s, k) => s + (p[k] || 0), 0));
   const max = niceMax(Math.max(0, ...totals));
-  axes(f, max, series.map((p) => fmtTime(p.t, intervalS)));
+  axes(f, max, series.map((p) => fmtTime(p.t, intervalS, p.local)));
   if (!totals.some((t) => t > 0)) empty(f);
   const { svg, w, h, m } = f;
   const bw = (w - m.l - m.r) / Math.max(series.length, 1);
@@ -148,7 +173,7 @@ function stackedBars(container, series, keys, intervalS) {
       y -= bh;
       svg.appendChild(titled(el("rect", {
         class: "bar", x: m.l + i * bw + bw * 0.1, y, width: Math.max(bw * 0.8, 1), height: bh, fill: COLORS[k],
-      }), `${fmtTime(p.t, intervalS)} ${k}: ${num.format(v)}`));
+      }), `${fmtTime(p.t, intervalS, p.local)} ${k}: ${num.format(v)}`));
     }
   });
   legend(container, keys);
@@ -160,7 +185,7 @@ function lines(container, series, keys, intervalS, unit = "") {
   const f = frame(container);
   const values = series.flatMap((p) => keys.map((k) => p[k]).filter((v) => v !== null && v !== undefined));
   const max = niceMax(Math.max(0, ...values));
-  axes(f, max, series.map((p) => fmtTime(p.t, intervalS)));
+  axes(f, max, series.map((p) => fmtTime(p.t, intervalS, p.local)));
   if (!values.some((v) => v > 0)) empty(f);
   const { svg, w, h, m } = f;
   const x = (i) => m.l + (w - m.l - m.r) * (i + 0.5) / Math.max(series.length, 1);
@@ -179,7 +204,7 @@ function lines(container, series, keys, intervalS, unit = "") {
     series.forEach((p, i) => {
       if (p[k] === null || p[k] === undefined) return;
       svg.appendChild(titled(el("circle", { class: "dot", cx: x(i), cy: y(p[k]), r: 2.2, fill: COLORS[k] }),
-        `${fmtTime(p.t, intervalS)} ${k}: ${compact(p[k])}${unit}`));
+        `${fmtTime(p.t, intervalS, p.local)} ${k}: ${compact(p[k])}${unit}`));
     });
     drawn += 1;
   }
