@@ -112,6 +112,12 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+FORGOTTEN_SIGHTINGS_KIND = "forgotten_sightings"
+"""The OpenSearch sink's own index (``<prefix>-forgotten_sightings-all``, no topic): digests of what names the
+sightings the scoring job matched to forgotten subjects, kept while a copy of their face observations can still be
+read (``sinks.opensearch.forget``), so a restarted sink still leaves those observations out."""
+
+
 FORGETTING_ACTIONS = frozenset({"FORGET", "EXPIRE"})
 """Audit actions (``AuditEvent.action`` on ``audit``, by the watchlist service) after which a subject's faces must
 be gone from the indices too: a ``forget`` and an expiry, done or found already done (``UNCHANGED``); a ``FAILED``

@@ -21,7 +21,10 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
 - remembers, for :data:`SIGHTING_MEMORY_MS`, the image refs and transaction ids of the sightings the job matched to
   the subject (found by the forget, or named by an alert or decision of the subject the sink reads after it): such an
   observation names nobody, so one read after the forget was indexed until its retention; it is now dropped at write
-  time, and one indexed before the alert or decision that names its subject came is deleted then.
+  time, and one indexed before the alert or decision that names its subject came is deleted then. What it remembers
+  (digests: :func:`sighting_key`) is also written to the sink's own index (:func:`save_sightings`), before the strip
+  takes the alerts' image refs and before the offsets are committed, so a restarted sink finds it again
+  (:func:`load_sightings`): an entrance or lane-view sighting has no transaction, and only its image ref names it.
 
 Why ``audit`` rather than the ``watchlist`` tombstones: the tombstone is compacted away about a day after the
 forget (``delete.retention.ms``), while ``face_observations`` segments and the 30-day ``alerts`` and compacted
@@ -41,23 +44,26 @@ it is opened and the forget repeated, or retention drops it.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opensearchpy import OpenSearch
-from opensearchpy.exceptions import NotFoundError
+from opensearchpy.exceptions import NotFoundError, RequestError
 from opensearchpy.helpers import ScanError, scan, streaming_bulk
 
 from infra.clients.opensearch import is_retriable
 from schemas.forgets import audit_event, is_forget
 from schemas.indices import (
+    FORGOTTEN_SIGHTINGS_KIND,
     ROUTES,
     Route,
     enrolment_transaction,
     index_name,
+    single_index_name,
 )
 from schemas.topics import FACE_OBSERVATIONS, readable_for_ms
 
@@ -70,11 +76,25 @@ below OpenSearch's ``index.max_terms_count`` (65,536)."""
 MAX_REFUSALS_KEPT = 20
 """Refused write-backs a report names (its dead letter's reason); the count covers the rest."""
 
-SIGHTING_MEMORY_MS = readable_for_ms(FACE_OBSERVATIONS)
-"""How long, from when it learnt them, the sink remembers what names a forgotten subject's matched sighting (an image
-ref, a transaction id): as long as a face observation can still be read from ``face_observations`` after it was
-written (its retention and its hour's segment, both set on the topic). A sighting's observation is on the topic before
-the alert and the decision that name its subject (the job matches the observation), so it cannot be read after."""
+OBSERVATION_READABLE_MS = readable_for_ms(FACE_OBSERVATIONS)
+"""How long after it was written a face observation can still be read from ``face_observations``: its retention and
+its hour's segment, both set on the topic (and enforced on an existing one)."""
+
+SIGHTING_MEMORY_MS = 2 * OBSERVATION_READABLE_MS
+"""How long, from when it learnt them or last left out an observation they name, the sink remembers what names a
+forgotten subject's matched sighting (an image ref, a transaction id): as long as a copy of the observation can still
+be read. A sighting's observation is on the topic before the alert and the decision that name its subject (the job
+matches the observation) and is read at most :data:`OBSERVATION_READABLE_MS` after it was written; but a replay
+(``producers.replay``) can copy it into the topic again until then, and that copy is read for as long again. Before,
+the memory lasted one :data:`OBSERVATION_READABLE_MS`, and a copy replayed late in it was indexed after the memory
+went. A copy left out renews it (a copy of that copy)."""
+
+
+def sighting_key(field_name: str, value: str) -> str:
+    """What the memory holds of a value naming a forgotten subject's sighting (an observation's ``field_name``): a
+    SHA-256 of the field and the value, never the value itself (an image ref says where and when the subject was
+    seen), in memory as in the sink's index (:func:`save_sightings`)."""
+    return hashlib.sha256(f"{field_name}\x00{value}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -132,9 +152,13 @@ class Forgotten:
     the subject stayed forgotten)."""
     sale_subject: dict[str, str] = field(default_factory=dict)
     """Enrolment sale -> the subject enrolled from it."""
-    sightings: dict[str, dict[str, int]] = field(default_factory=dict)
-    """A face observation's field (``image_ref``, ``transaction_id``) -> values naming a forgotten subject's matched
-    sighting -> until when they are remembered (ms): :data:`SIGHTING_MEMORY_MS` after they were learnt."""
+    sightings: dict[str, int] = field(default_factory=dict)
+    """:func:`sighting_key` of a face observation's field (``image_ref``, ``transaction_id``) and a value naming a
+    forgotten subject's matched sighting -> until when it is remembered (ms): :data:`SIGHTING_MEMORY_MS` after it was
+    learnt, or after an observation it names was last left out."""
+    unsaved: dict[str, int] = field(default_factory=dict)
+    """Those of :attr:`sightings` learnt or renewed since the last :meth:`take_unsaved`: to be written to the sink's
+    index (:func:`save_sightings`) before the offsets of the batch that taught them are committed."""
     learnt: dict[str, set[str]] = field(default_factory=dict)
     """Such values first named by an alert or decision read since the last :meth:`take_learnt`: an observation of
     theirs indexed before it (read earlier, or earlier in its batch) is to be deleted."""
@@ -189,21 +213,29 @@ class Forgotten:
         time = record.get(route.time_field)
         return lifted is None or not isinstance(time, int) or time < lifted
 
+    def _known_sightings(self, record: dict[str, Any]) -> list[str]:
+        """The keys of :attr:`sightings` that a face observation's fields name."""
+        keys = (
+            sighting_key(name, value)
+            for name in SIGHTING_FIELDS.values()
+            if isinstance(value := record.get(name), str) and value
+        )
+        return [key for key in keys if key in self.sightings]
+
     def erases(self, route: Route, record: dict[str, Any]) -> bool:
         """Whether ``record`` of ``route`` is a forgotten subject's face, never to be indexed: its subject's or its
         enrolment sale's, or a sighting the job matched to a forgotten subject (:attr:`sightings`)."""
         if not route.erased_with_subject or route.subject_field is None:
             return False
-        return self._reaches(route, record) or any(
-            isinstance(value := record.get(name), str) and value in self.sightings.get(name, {})
-            for name in SIGHTING_FIELDS.values()
-        )
+        return self._reaches(route, record) or bool(self._known_sightings(record))
 
     def drops(self, route: Route, record: dict[str, Any], now_ms: int) -> bool:
-        """At write time: whether ``record`` is left out (:meth:`erases`, counted in :attr:`dropped`); an alert or
-        decision kept teaches its sighting (:meth:`note_sighting`)."""
+        """At write time: whether ``record`` is left out (:meth:`erases`, counted in :attr:`dropped`); a sighting left
+        out renews what names it (a replay may copy this copy); an alert or decision kept teaches its sighting
+        (:meth:`note_sighting`)."""
         if self.erases(route, record):
             self.dropped += 1
+            self._remember_keys(self._known_sightings(record), now_ms)
             return True
         self.note_sighting(route, record, now_ms)
         return False
@@ -211,13 +243,33 @@ class Forgotten:
     def remember(self, sightings: Mapping[str, Iterable[str]], now_ms: int) -> None:
         """Remember values (observation field -> values, as :func:`matched_sightings` gives them) that name forgotten
         subjects' matched sightings until :attr:`sighting_ms` after ``now_ms``."""
+        keys = [sighting_key(name, value) for name, values in sightings.items() for value in values]
+        self._remember_keys(keys, now_ms)
+
+    def _remember_keys(self, keys: Iterable[str], now_ms: int) -> None:
         until = now_ms + self.sighting_ms
-        for name, values in sightings.items():
-            known = self.sightings.setdefault(name, {})
-            for value in values:
-                known[value] = max(known.get(value, until), until)
-        if any(sightings.values()):
-            self.sightings_due = min(self.sightings_due, until)
+        for key in keys:
+            if until > self.sightings.get(key, -1):
+                self.sightings[key] = self.unsaved[key] = until
+                self.sightings_due = min(self.sightings_due, until)
+
+    def restore(self, saved: Mapping[str, int], now_ms: int) -> None:
+        """What a sink remembered before this start (:func:`load_sightings`): each key until its time, if still due."""
+        for key, until in saved.items():
+            if until > now_ms and until > self.sightings.get(key, -1):
+                self.sightings[key] = until
+                self.sightings_due = min(self.sightings_due, until)
+
+    def take_unsaved(self) -> dict[str, int]:
+        """:attr:`unsaved` since the last call (key -> until), for :func:`save_sightings`; give them back with
+        :meth:`keep_unsaved` when the write failed."""
+        unsaved, self.unsaved = self.unsaved, {}
+        return unsaved
+
+    def keep_unsaved(self, keys: Mapping[str, int]) -> None:
+        """Keys :meth:`take_unsaved` gave that were not written: written with the next ones (the later time wins)."""
+        for key, until in keys.items():
+            self.unsaved[key] = max(until, self.unsaved.get(key, until))
 
     def note_sighting(self, route: Route, record: dict[str, Any], now_ms: int) -> bool:
         """Whether ``record``, an alert or decision of ``route`` (:data:`SIGHTING_LINKS`), names a forgotten subject's
@@ -234,7 +286,7 @@ class Forgotten:
             SIGHTING_FIELDS[name]: value for name in link[1] if isinstance(value := record.get(name), str) and value
         }
         for name, value in found.items():
-            if value not in self.sightings.get(name, {}):
+            if sighting_key(name, value) not in self.sightings:
                 self.learnt.setdefault(name, set()).add(value)
         self.remember({name: [value] for name, value in found.items()}, now_ms)
         return bool(found)
@@ -248,12 +300,10 @@ class Forgotten:
         """Forget the sighting values remembered until ``now_ms`` or before: no observation of theirs is left."""
         if now_ms < self.sightings_due:
             return
-        due = float("inf")
-        for known in self.sightings.values():
-            for value in [value for value, until in known.items() if until <= now_ms]:
-                del known[value]
-            due = min(due, *known.values()) if known else due
-        self.sightings_due = due
+        for key in [key for key, until in self.sightings.items() if until <= now_ms]:
+            del self.sightings[key]
+            self.unsaved.pop(key, None)
+        self.sightings_due = min(self.sightings.values(), default=float("inf"))
 
     def recent(self, since_ms: int) -> list[Forget]:
         """The subjects forgotten at ``since_ms`` or later, as forgets (for :func:`matched_sightings`)."""
@@ -364,8 +414,13 @@ def erase_forgotten(
     forgets: Sequence[Forget],
     routes: Sequence[Route] = ROUTES,
     lifted: Mapping[str, int] | None = None,
+    keep: Callable[[Mapping[str, Sequence[str]]], str | None] | None = None,
 ) -> EraseReport:
     """Delete and strip what ``forgets`` reach in every index of the prefix (read aliases: every period index).
+
+    ``keep`` is given the matched sightings found (:func:`matched_sightings`) before anything is stripped, to
+    remember them where a restart finds them (the strip takes the alerts' image refs that name them, and a
+    repeated round would not find them again); what it returns is a problem, as below.
 
     Raises the client's ``TransportError`` when OpenSearch cannot be reached or the scroll was lost mid-scan
     (404 ``search_context_missing_exception``: only a missing index means nothing to forget); a retriable refusal
@@ -387,6 +442,8 @@ def erase_forgotten(
             report.problem = f"scan incomplete: {exc}"
             return report
         erase_sightings(client, index_prefix, report.sightings, erased, report)
+        if keep is not None and report.sightings:
+            report.problem = keep(report.sightings) or report.problem
     if report.problem:
         return report  # the caller repeats the round
     for route in routes:
@@ -479,6 +536,81 @@ def matched_sightings(
                 if exc.error != "index_not_found_exception":
                     raise
     return {name: sorted(values) for name, values in found.items() if values}
+
+
+# --------------------------------------------------------------------------- the memory, past a restart
+
+SIGHTINGS_INDEX_BODY: dict[str, Any] = {
+    "settings": {"index": {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}},
+    "mappings": {"dynamic": "strict", "properties": {"until": {"type": "date", "format": "epoch_millis"}}},
+}
+"""The sink's index of :attr:`Forgotten.sightings` (``<prefix>-forgotten_sightings-all``, read alias
+``<prefix>-forgotten_sightings``): one document per :func:`sighting_key` (its id; a digest, no image ref or
+transaction id), with until when it is remembered."""
+
+
+def save_sightings(client: OpenSearch, index_prefix: str, until: Mapping[str, int]) -> str | None:
+    """Write ``until`` (:func:`sighting_key` -> until when, ms) to the sink's index, so that a restart finds it
+    again (:func:`load_sightings`): before, what named an entrance or lane-view sighting (its image ref) went with the
+    restart, and its observation read after it was indexed until its retention. Returns why it must be repeated
+    (OpenSearch busy or away for a document), ``None`` once written; raises the client's ``TransportError`` when
+    OpenSearch cannot be reached. A write refused for good is logged (its key) and left: the key stays in memory."""
+    if not until:
+        return None
+    alias = index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND)
+    index = single_index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND)
+    if not client.indices.exists(index=index):
+        try:
+            client.indices.create(index=index, body={**SIGHTINGS_INDEX_BODY, "aliases": {alias: {}}})
+        except RequestError as exc:
+            if exc.error != "resource_already_exists_exception":
+                raise
+    actions = ({"_op_type": "index", "_index": index, "_id": key, "_source": {"until": t}} for key, t in until.items())
+    problem = None
+    for ok, item in streaming_bulk(
+        client, actions, chunk_size=500, max_retries=3, raise_on_error=False, raise_on_exception=True
+    ):
+        if ok:
+            continue
+        answer = next(iter(item.values())) if isinstance(item, dict) and item else {}
+        status, error = answer.get("status"), answer.get("error")
+        error_type = error.get("type") if isinstance(error, dict) else error
+        if is_retriable(status, error_type if isinstance(error_type, str) else None):
+            problem = f"{status} {error_type}"
+        else:
+            log.warning("forget: OpenSearch refused %s/%s: %s %s", index, answer.get("_id"), status, error_type)
+    return problem
+
+
+def load_sightings(client: OpenSearch, index_prefix: str, now_ms: int) -> dict[str, int]:
+    """What :func:`save_sightings` wrote that is still to be remembered after ``now_ms`` (key -> until); empty when
+    the index does not exist yet. Raises the client's ``TransportError`` and ``ScanError`` (to be retried)."""
+    query = {"query": {"range": {"until": {"gt": now_ms}}}}
+    found: dict[str, int] = {}
+    try:
+        for hit in scan(client, index=index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND), query=query, size=1000):
+            until = (hit.get("_source") or {}).get("until")
+            if isinstance(until, int) and until > now_ms:
+                found[str(hit["_id"])] = until
+    except NotFoundError as exc:
+        if exc.error != "index_not_found_exception":
+            raise
+    return found
+
+
+def prune_saved_sightings(client: OpenSearch, index_prefix: str, now_ms: int) -> int:
+    """Delete what :func:`save_sightings` wrote that is remembered no longer (until ``now_ms`` or before); how many.
+    Raises the client's errors: the caller tries again at its next round."""
+    query = {"query": {"range": {"until": {"lte": now_ms}}}}
+    alias = index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND)
+    try:
+        hits = list(scan(client, index=alias, query=query, size=1000))
+    except NotFoundError as exc:
+        if exc.error != "index_not_found_exception":
+            raise
+        return 0
+    actions = ({"_op_type": "delete", "_index": hit["_index"], "_id": hit["_id"]} for hit in hits)
+    return sum(ok for ok, _ in streaming_bulk(client, actions, chunk_size=500, raise_on_error=False))
 
 
 def _erase_in(client: OpenSearch, route: Route, alias: str, query: dict[str, Any], report: EraseReport) -> None:

@@ -21,9 +21,10 @@ Forget: the sink also reads ``audit`` for the watchlist service's ``FORGET`` / `
 subject's face observations (its enrolment sale's, and the sightings the job matched to it) and the image refs of
 its alerts and cases, before the
 batch's offsets are committed; every forgotten subject is remembered (``audit`` is read from its start when the
-sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`), and for a day what names the
+sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`), and for two days what names the
 sightings the job matched to it (image refs, transactions), whose observations name nobody: one read late is left
-out, or deleted once the alert or decision naming its subject comes.
+out, or deleted once the alert or decision naming its subject comes. That memory is kept in the sink's own index too
+(``<index_prefix>-forgotten_sightings-all``, digests only), so a restart does not lose it.
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
@@ -81,7 +82,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -127,7 +128,10 @@ from sinks.opensearch.forget import (
     erase_forgotten,
     erase_sightings,
     forget_of,
+    load_sightings,
     matched_sightings,
+    prune_saved_sightings,
+    save_sightings,
 )
 
 log = logging.getLogger(__name__)
@@ -1169,10 +1173,12 @@ class OpenSearchSink:
         log.info("forgotten subjects: %d (from %s)", len(self.forgotten), self._audit_topic)
 
     def _apply_retention(self) -> None:
-        """Retention must never stop indexing: a failure is logged and tried again next interval."""
+        """Retention must never stop indexing: a failure is logged and tried again next interval. What the memory of
+        forgotten subjects' sightings no longer needs goes from the sink's index too."""
         try:
             apply_retention(self.client, self.index_prefix, self.indices)
-        except TransportError as exc:
+            prune_saved_sightings(self.client, self.index_prefix, clock.now_ms())
+        except (TransportError, ScanError) as exc:
             log.warning("retention failed (%s); next try in %.0fs", _short(exc), self.indices.retention_interval_s)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -1247,6 +1253,7 @@ class OpenSearchSink:
             self._erase_sightings_until_done(learnt)
         if forgets:
             dead += self._erase_until_done(forgets, [m for m, _ in carrying])
+        self._save_sightings_until_done()  # what the batch taught: a restart after its commit finds it again
         if dead:
             self._publish_dead_letters(dead)
         self._commit(batch)
@@ -1329,13 +1336,18 @@ class OpenSearchSink:
         failed, refusals = 0, []
         while True:
             try:
-                report = erase_forgotten(self.client, self.index_prefix, forgets, lifted=self.forgotten.enrolled_at)
+                report = erase_forgotten(
+                    self.client,
+                    self.index_prefix,
+                    forgets,
+                    lifted=self.forgotten.enrolled_at,
+                    keep=self._keep_sightings,  # read after the forget, not indexed; after a restart neither
+                )
                 problem = report.problem
             except TransportError as exc:
                 report, problem = None, _short(exc)
             if report is not None:
                 self._count_erased(report)
-                self.forgotten.remember(report.sightings, clock.now_ms())  # read after the forget, not indexed
                 failed, refusals = report.failed, report.refusals
             if problem is None:
                 break
@@ -1389,25 +1401,68 @@ class OpenSearchSink:
                 problem,
             )
 
+    def _keep_sightings(self, found: Mapping[str, Sequence[str]]) -> str | None:
+        """Remember the sightings a forget found (:func:`~sinks.opensearch.forget.erase_forgotten`'s ``keep``), in
+        memory and in the sink's index, before the strip takes the alerts' image refs; why to repeat the round."""
+        self.forgotten.remember(found, clock.now_ms())
+        return self._save_sightings()
+
+    def _save_sightings(self) -> str | None:
+        """Write what the memory learnt or renewed since the last write
+        (:func:`~sinks.opensearch.forget.save_sightings`); why it must be repeated, ``None`` when written."""
+        unsaved = self.forgotten.take_unsaved()
+        try:
+            problem = save_sightings(self.client, self.index_prefix, unsaved)
+        except TransportError as exc:
+            problem = _short(exc)
+        if problem is not None:
+            self.forgotten.keep_unsaved(unsaved)
+        return problem
+
+    def _save_sightings_until_done(self) -> None:
+        """:meth:`_save_sightings` until written, before the batch's offsets are committed: a restart after the
+        commit must find what the batch taught, since its records are not read again."""
+        attempt = 0
+        while (problem := self._save_sightings()) is not None:
+            attempt = self._back_off(
+                f"OpenSearch unreachable: {problem}",
+                attempt,
+                "what names the sightings of forgotten subjects not written yet (%s), offsets not committed",
+                problem,
+            )
+
     def _recall_sightings(self) -> None:
-        """After a start: what names the sightings of the subjects forgotten in the last two
-        :data:`~sinks.opensearch.forget.SIGHTING_MEMORY_MS` (one for their observations to be read, one for the job
-        to have matched them before it read the forget), found again in the indices, since what the sink had learnt
-        went with its restart. A forget's strip removed its alerts' image refs: found again are the transactions
-        (its alerts' and those decided with its face), not an entrance sighting's image."""
+        """After a start: what the sink remembered before it (its own index,
+        :func:`~sinks.opensearch.forget.load_sightings`: the image refs of entrance and lane-view sightings too, which
+        the strip removed from the alerts), and what names the sightings of the subjects forgotten in the last two
+        :data:`~sinks.opensearch.forget.SIGHTING_MEMORY_MS` (one for a copy of their observations to be read, one for
+        the job to have matched them before it read the forget), found again in the indices (the transactions of its
+        alerts and of those decided with its face): for a forget made before the sink kept its memory in its index,
+        or one whose write was refused."""
         now = clock.now_ms()
+        saved: dict[str, int] = {}
+
+        def load() -> None:
+            saved.update(load_sightings(self.client, self.index_prefix, now))
+
+        self._retry_until_done("reading the sightings of forgotten subjects", load)
+        self.forgotten.restore(saved, now)
         recent = self.forgotten.recent(now - 2 * self.forgotten.sighting_ms)
-        if not recent:
-            return
         found: dict[str, list[str]] = {}
 
         def find() -> None:
             found.update(matched_sightings(self.client, self.index_prefix, recent, self.forgotten.enrolled_at))
 
-        self._retry_until_done("finding the sightings of recent forgets", find)
-        self.forgotten.remember(found, now)
+        if recent:
+            self._retry_until_done("finding the sightings of recent forgets", find)
+            self.forgotten.remember(found, now)
         count = sum(map(len, found.values()))
-        log.info("sightings of %d recently forgotten subject(s) remembered: %d", len(recent), count)
+        log.info(
+            "sightings of forgotten subjects remembered: %d from the sink's index, %d found for %d recent forget(s)",
+            len(saved),
+            count,
+            len(recent),
+        )
 
     def _publish_dead_letters(self, dead: list[DeadLetter]) -> None:
         """Produce and confirm every dead letter before the batch counts as done; re-produce failures."""
