@@ -270,6 +270,9 @@ class Alert(Record):
     transaction_kind: str | None = None
     matcher: str | None = None
     """``local`` or ``rekognition`` for a face match: the scale ``similarity`` is on."""
+    match_threshold: float | None = None
+    """The similarity at or above which ``matcher`` took the face for a match (on its scale), for a face match: the
+    messages give it beside the similarity, as ``checkout <tx>`` does (Alert v6; ``None`` before)."""
 
 
 class AlertAvro(TypedDict):
@@ -295,6 +298,7 @@ class AlertAvro(TypedDict):
     snapshot_ref: str | None
     transaction_kind: str | None
     matcher: str | None
+    match_threshold: float | None
 
 
 LOCAL_MATCHER, REKOGNITION_MATCHER = "local", "rekognition"

@@ -19,7 +19,7 @@ from infra.clock import now_ms
 from infra.settings import Settings
 from schemas.codec import codec
 from schemas.errors import CheckoutGuardError, InvalidRecord
-from schemas.similarity import category_words, similarity_text
+from schemas.similarity import category_words, similarity_text, threshold_text
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger("checkout_guard.checkout_inspect")
@@ -34,8 +34,7 @@ reads the bot's answer, not only the alert, and a subject id with a similarity r
 def match_caveat(threshold: float | None = None, by_rekognition: bool = False) -> str:
     """What follows a match's similarity in a reply: the threshold it was matched at (on the engine's own 0-100
     scale: 68.8 is a clear local match, 99.1 a bare Rekognition one), then :data:`FACE_MATCH_CAVEAT`."""
-    scale = "Rekognition's match threshold" if by_rekognition else "the match threshold"
-    at = f" ({scale} is {threshold:.1f})" if threshold is not None else ""
+    at = f" ({threshold_text(threshold, by_rekognition)})" if threshold is not None else ""
     return f"{at}. {FACE_MATCH_CAVEAT}"
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from infra.settings import FACE_DELIVERY_MARGIN_MS, Settings
+from infra.settings import FACE_DELIVERY_MARGIN_MS, FaceSettings, Settings
 from jobs.scoring.face_similarity import check_embedding
 from jobs.scoring.rules import FaceResult
 from jobs.scoring.validation import MAX_FUTURE_SKEW_MS, check_event_time, check_size
@@ -144,6 +144,19 @@ def decode_observation(
     check_observation(obs, length)
     check_event_time(obs["event_time"], now_ms, max_future_skew_ms)
     return obs
+
+
+def match_threshold(faces: FaceSettings, matcher: str | None) -> float | None:
+    """The similarity at or above which ``matcher`` takes a face for a match, on that engine's own 0-100 scale: the
+    job's watchlist search (``local``: ``faces.match_threshold``) or the face stage's search of the Rekognition
+    collection (``rekognition``: ``faces.rekognition_match_threshold``, the stage's setting); ``None`` for another. An
+    alert gives it beside the similarity (``match_threshold``): 68.8 is a clear local match, 99.1 a bare Rekognition
+    one."""
+    if matcher == LOCAL_MATCHER:
+        return faces.match_threshold
+    if matcher == REKOGNITION_MATCHER:
+        return faces.rekognition_match_threshold
+    return None
 
 
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:

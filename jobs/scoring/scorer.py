@@ -26,7 +26,7 @@ from typing import Any
 
 from infra.settings import Settings
 from jobs.scoring.claims import ConflictingTransaction
-from jobs.scoring.face_join import Seen
+from jobs.scoring.face_join import Seen, match_threshold
 from jobs.scoring.face_similarity import embedding_problem, similarity
 from jobs.scoring.features import (
     HISTORY_KEY,
@@ -485,8 +485,14 @@ class Scorer:
             tx,
             how=f"at checkout ({tx['transaction_id']}), seen after the sale was decided without a face",
             reason=LATE_FACE_REASON,
+            threshold=self.match_threshold(face),
         )
         return [self.alert_row(alert)]
+
+    def match_threshold(self, face: FaceResult) -> float | None:
+        """The threshold a ``MATCHED`` face was taken at (:func:`~jobs.scoring.face_join.match_threshold`), for its
+        alerts; ``None`` for any other face."""
+        return match_threshold(self.settings.faces, face.matcher) if face.status == "MATCHED" else None
 
     def alert_row(self, alert: AlertAvro) -> OutRow:
         """An alert's row on the alerts topic, keyed by its id (one per id, however often it is raised)."""
@@ -551,12 +557,14 @@ class Scorer:
         scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
         rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
         snapshot = camera.image_ref if camera else None
+        threshold = self.match_threshold(face)
         if decision.outcome == "BLOCK":
-            alert = self.blocked_alert(tx, decision, face, snapshot)
+            alert = self.blocked_alert(tx, decision, face, snapshot, threshold)
             rows.append(self.alert_row(alert))
         if face.status == "MATCHED":
+            seen_as = f"checkout:{tx['transaction_id']}"
             alert = self.watchlist_alert(
-                tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot, f"checkout:{tx['transaction_id']}", tx
+                tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot, seen_as, tx, threshold=threshold
             )
             rows.append(self.alert_row(alert))
         return rows
@@ -574,6 +582,7 @@ class Scorer:
             obs.get("image_ref"),
             obs["observation_id"],
             None,
+            threshold=self.match_threshold(face),
         )
         return [self.alert_row(alert)]
 
@@ -594,6 +603,7 @@ class Scorer:
             how=f"seen at the lane after sale {obs.get('transaction_id')} (a live view: not its buyer)",
             reason=LANE_VIEW_REASON,
             at_lane=True,
+            threshold=self.match_threshold(face),
         )
         return [self.alert_row(alert)]
 
@@ -682,7 +692,9 @@ class Scorer:
         decision: Decision,
         face: FaceResult | None = None,
         snapshot_ref: str | None = None,
+        threshold: float | None = None,
     ) -> AlertAvro:
+        """A blocked sale or refund; ``threshold``: what its face was matched at, when it names a match."""
         reasons = ", ".join(decision.reasons) or "risk"
         face = face or FaceResult()
         return {
@@ -704,6 +716,7 @@ class Scorer:
             "snapshot_ref": snapshot_ref,
             "transaction_kind": tx["kind"],
             "matcher": face.matcher if face.status == "MATCHED" else None,
+            "match_threshold": threshold if face.status == "MATCHED" else None,
             "summary": (
                 f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of "
                 f"{money(tx['amount'], tx['currency'])} {tx['currency']} "
@@ -723,12 +736,15 @@ class Scorer:
         how: str | None = None,
         reason: str | None = None,
         at_lane: bool = False,
+        threshold: float | None = None,
     ) -> AlertAvro:
         """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``), an entrance, or (``at_lane``,
         without ``tx``) in a lane's live view after a sale: ``SUSPECT_AT_LANE`` / ``VIP_AT_LANE``, not the entrance
         kinds, so its headline and per-kind counts do not say "entered". ``how`` replaces the summary's
-        "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's. The summary says
-        "Possible suspect ...", as the alert's headline does: a match is a lead for a person to check, not a fact."""
+        "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's; ``threshold`` the similarity
+        the match was taken at (:meth:`match_threshold`), which the messages give beside the similarity. The summary
+        says "Possible suspect ...", as the alert's headline does: a match is a lead for a person to check, not a
+        fact."""
         suspect = face.category == "SUSPECT"
         if at_lane:
             kind = "SUSPECT_AT_LANE" if suspect else "VIP_AT_LANE"
@@ -757,6 +773,7 @@ class Scorer:
             "snapshot_ref": snapshot_ref,
             "transaction_kind": tx["kind"] if tx else None,
             "matcher": face.matcher,
+            "match_threshold": threshold,
             "summary": (
                 f"{what} {face.subject_id} {how} at {where}, similarity {similarity_text(face.similarity or 0)}{by}"
             ),

@@ -2,8 +2,9 @@
 
 A manager reads it on a phone between two customers, so it leads with *what* happened and *where*
 (store, lane), then *when* in the store's local time, the amount, the outcome and the reasons in plain
-words, the face similarity for watchlist matches, and a link to the dashboard for the rest. Reason codes
-the wording table does not know are shown as they are (a new rule must not make an alert unreadable).
+words, the face similarity for watchlist matches (with the threshold it was matched at), and a link to the
+dashboard for the rest. Reason codes the wording table does not know are shown as they are (a new rule must not
+make an alert unreadable).
 
 Every alert opens a case (``jobs.cases``, its id :func:`~schemas.records.case_id_for` the alert id): each
 format names it and links its page (``CG_ALERTS__CASE_LINK``), where a person confirms or dismisses it; the
@@ -27,7 +28,7 @@ from infra.settings import AlertSettings
 from infra.signed_links import image_link
 from schemas.money import money
 from schemas.records import ALL_STORES, FACE_ALERT_KINDS, OUTCOME_WORDS, REKOGNITION_MATCHER, case_id_for
-from schemas.similarity import category_words, similarity_text
+from schemas.similarity import category_words, similarity_text, threshold_text
 
 REASON_WORDS: dict[str, str] = {
     "return_exceeds_sale": "refund is larger than the original sale",
@@ -449,7 +450,11 @@ def describe(alert: dict[str, Any], settings: AlertSettings) -> AlertText:
     if alert.get("similarity") is not None:
         who = f" {category_text(alert['category'])}" if alert.get("category") else ""
         subject_id = f" {shown(alert['subject_id'])}" if alert.get("subject_id") else ""
-        by = " (by Rekognition)" if alert.get("matcher") == REKOGNITION_MATCHER else ""
+        rekognition = alert.get("matcher") == REKOGNITION_MATCHER
+        notes = ["by Rekognition"] if rekognition else []
+        if alert.get("match_threshold") is not None:  # Alert v6: what the match was taken at, to weigh it against
+            notes.append(threshold_text(alert["match_threshold"], rekognition))
+        by = f" ({'; '.join(notes)})" if notes else ""
         lines.append(("Face match", f"{similarity_text(alert['similarity'])}% similar to{who}{subject_id}{by}"))
     if kind in FACE_MATCH_ADVICE:
         lines.append(("Please", FACE_MATCH_ADVICE[kind]))

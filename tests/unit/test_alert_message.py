@@ -19,7 +19,7 @@ from infra.cli import setting_errors
 from infra.clients.webex import MAX_MARKDOWN_BYTES, truncate_utf8
 from infra.retry import Backoff, parse_retry_after
 from infra.settings import REPO_ROOT, AlertSettings, Settings
-from schemas.codec import codec, latest_versions
+from schemas.codec import MAGIC, codec, latest_versions, load_schemas
 from schemas.images import image_label, image_type
 from sinks.alerts.mail import OutgoingMail, build_email
 from sinks.alerts.message import case_card, describe, local_time, message_id, reason_text
@@ -113,6 +113,30 @@ def test_a_face_match_made_by_rekognition_says_so_beside_its_similarity() -> Non
     rows = dict(describe(alert(**face, matcher="rekognition"), AlertSettings()).lines)
     assert rows["Face match"] == "99.6% similar to suspect subj-tx-1 (by Rekognition)"
     assert dict(describe(alert(**face, matcher="local"), AlertSettings()).lines)["Face match"].endswith("subj-tx-1")
+
+
+def test_a_face_match_gives_the_threshold_it_was_taken_at_in_every_format_and_an_older_alert_reads_as_before() -> None:
+    """Security weighs a similarity against the threshold the engine took the face at, as ``checkout <tx>`` gives it;
+    the alert gave the similarity alone. Alert v6 carries the threshold; an alert written before reads as it did."""
+    face = {"kind": "WATCHLIST_MATCH", "category": "SUSPECT", "subject_id": "subj-tx-1", "reasons": ["watchlist_x"]}
+    local = alert(**face, similarity=68.83, matcher="local", match_threshold=50.94)
+    text = describe(local, AlertSettings())
+    assert dict(text.lines)["Face match"] == "68.8% similar to suspect subj-tx-1 (the match threshold is 50.9)"
+    card = json.dumps(case_card(local, AlertSettings()))
+    for shown in (text.plain(), text.markdown(), text.html(), card):
+        assert "(the match threshold is 50.9)" in shown
+    by_rekognition = alert(**face, similarity=99.62, matcher="rekognition", match_threshold=99.0)
+    assert dict(describe(by_rekognition, AlertSettings()).lines)["Face match"] == (
+        "99.6% similar to suspect subj-tx-1 (by Rekognition; Rekognition's match threshold is 99.0)"
+    )
+    # a v5 alert (before the field) decodes without it and reads as before
+    v5 = next(s for s in load_schemas().values() if s.short_name == "Alert" and s.version == 5)
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, v5.parsed, {**local, "match_threshold": None, "transaction_kind": "SALE"})
+    older = codec("Alert").decode(MAGIC + v5.fingerprint + body.getvalue())
+    assert older["match_threshold"] is None
+    assert dict(describe(older, AlertSettings()).lines)["Face match"] == "68.8% similar to suspect subj-tx-1"
+    assert "threshold" not in json.dumps(case_card(older, AlertSettings()))
 
 
 @pytest.mark.parametrize(

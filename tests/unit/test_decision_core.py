@@ -414,6 +414,24 @@ def test_a_local_match_says_the_local_engine_matched():
     assert alert["matcher"] == "local" and "(Rekognition)" not in alert["summary"]
 
 
+def test_the_alerts_of_a_match_give_the_threshold_it_was_taken_at_on_its_engines_scale():
+    """Security weighs a similarity against the threshold the engine took the face at (68.8 is a clear local match,
+    99.1 a bare Rekognition one); the alerts gave the similarity alone. Alert v6 carries the threshold."""
+    faces = settings().faces
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    checkout = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=SUSPECT_FACE)], NOW)
+    entrance = face_record(None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:cam:7:2")
+    rekognition = core.on_records([tx_record(sale("t2")), rekognition_face("t2")], NOW)
+    found = [(a["kind"], a["matcher"], a["match_threshold"]) for a in alerts(checkout) + alerts(rekognition)]
+    found += [(a["kind"], a["matcher"], a["match_threshold"]) for a in alerts(core.on_records([entrance], NOW))]
+    assert found == [
+        ("WATCHLIST_MATCH", "local", faces.match_threshold),
+        ("WATCHLIST_MATCH", "rekognition", faces.rekognition_match_threshold),
+        ("SUSPECT_ENTERED", "local", faces.match_threshold),
+    ]
+
+
 def test_a_rekognition_match_of_a_subject_the_watchlist_no_longer_holds_is_no_match():
     core = make_core()  # subj-9 forgotten (or never enrolled): its collection face outlived the entry
     step = core.on_records([tx_record(sale("t1")), rekognition_face("t1")], NOW)
