@@ -55,6 +55,7 @@ ALERT_FIELDS = (
     "subject_id",
     "category",
     "similarity",
+    "match_threshold",
     "snapshot_ref",
     "summary",
 )

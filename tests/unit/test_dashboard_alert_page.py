@@ -22,6 +22,7 @@ STORED = {
     "subject_id": "subj-tx-0",
     "category": "suspect",
     "similarity": 97.5,
+    "match_threshold": 80.0,
     "face_embedding_never_shown": [0.1, 0.2],
 }
 
@@ -60,6 +61,14 @@ def test_the_alert_page_shows_the_subject_row() -> None:
     shown = facts(run_page("alert.js", [[200, alert_answer()]], path="/alerts/watchlist%3Atx-1", runs=0))
     assert shown["alert:subject"] == "subj-tx-0"
     assert shown["alert:category"] == "suspect" and shown["alert:store"] == "S1"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_alert_page_shows_the_threshold_the_face_was_matched_at_beside_its_similarity() -> None:
+    """The message and the case card give "97.5% similar (the match threshold is 80.0)"; the page they link to gave
+    the similarity alone, with nothing to weigh it against."""
+    shown = facts(run_page("alert.js", [[200, alert_answer()]], path="/alerts/watchlist%3Atx-1", runs=0))
+    assert (shown["alert:similarity"], shown["alert:match threshold"]) == ("97.5", "80")
 
 
 ALERT_PATH = "/alerts/watchlist%3Atx-1"

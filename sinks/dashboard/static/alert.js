@@ -52,7 +52,7 @@ async function load() {
     ["alert", a.alert_id], ["time", alertTime(a)], ["store", a.store_id], ["lane", a.lane_id],
     ["transaction", a.transaction_id], ["amount", fmtPrice(a.amount, a.currency)],
     ["risk score", a.risk_score], ["reasons", a.reasons], ["subject", a.subject_id], ["category", a.category],
-    ["similarity", a.similarity], ["summary", a.summary],
+    ["similarity", a.similarity], ["match threshold", a.match_threshold], ["summary", a.summary],
   ]);
   rows(document.querySelector("#tx-facts tbody"), t ? [
     ["outcome", t.outcome], ["risk score", t.risk_score], ["reasons", t.reasons], ["indicators", t.indicators],
