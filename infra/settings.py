@@ -607,7 +607,8 @@ class FaceSettings(BaseModel, frozen=True):
     """Connect and read timeout of each S3 try of the image store (``image_store`` ``s3``; botocore's standard mode,
     4 tries at most, :data:`infra.clients.image_store.S3_ATTEMPTS`): before, botocore's 60 s each and 5 tries, so an
     S3 that did not answer held a snapshot, a command or an alert for minutes, past the ``/healthz`` limits. The
-    watchlist service's ``/healthz`` limit outlasts one such call (``jobs.faces.watchlist_service.health_limit_s``)."""
+    watchlist service's ``/healthz`` limit outlasts one such call (``jobs.faces.watchlist_service.health_limit_s``),
+    and so does the face stage's stall limit (``jobs.faces.stage.stall_limit_s``)."""
     rekognition_endpoint_url: str | None = None
     """Rekognition endpoint override; defaults to ``aws_endpoint_url``."""
 

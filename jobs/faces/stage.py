@@ -86,6 +86,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Messa
 
 from infra import clock, metrics
 from infra.clients import kafka as kafka_clients
+from infra.clients.image_store import call_limit_s as store_call_limit_s
 from infra.clients.meraki import MerakiClient, Snapshot, SnapshotError, camera_for_lane, camera_location
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import DaemonPool, StopRequest, done_by, exit_deadline, stop_asked_at, stop_on_signals, time_left
@@ -138,19 +139,24 @@ def inspection_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
 
 
 STALL_MARGIN_S = 30.0
-"""Beyond a trigger's snapshot and Rekognition search: the image store's write, the wait for the analysis worker and
-the analysis itself (about 1 s an image), with room for a slow store."""
+"""Beyond a trigger's snapshot, S3 write and Rekognition search: the local image store's write, the wait for the
+analysis worker and the analysis itself (about 1 s an image)."""
 
 
 def stall_limit_s(settings: Settings) -> float:
     """How long triggers may be in flight with none finished before the stage counts as hung (``/healthz`` stale): the
-    longest one trigger may take, i.e. its snapshot (``CG_CAMERAS__DEADLINE_S``, every retry included), with the
-    Rekognition backend its search (:func:`jobs.faces.rekognition.call_limit_s`: each try's connect and read timeout
-    and botocore's waits between tries, as the watchlist service's ``/healthz`` counts it), plus
-    :data:`STALL_MARGIN_S`. Any finished trigger is progress, so a slow camera among working ones never trips it."""
+    longest one trigger may take, i.e. its snapshot (``CG_CAMERAS__DEADLINE_S``, every retry included), with the S3
+    image store its write (:func:`infra.clients.image_store.call_limit_s`), with the Rekognition backend its search
+    (:func:`jobs.faces.rekognition.call_limit_s`), each call's tries timing out connecting and reading plus botocore's
+    waits between them, as the watchlist service's ``/healthz`` counts a call, plus :data:`STALL_MARGIN_S`. Before, the
+    S3 write was left to the margin, and one that did not answer (62 s at the default 5 s a try) took the stage for
+    hung. Any finished trigger is progress, so a slow camera among working ones never trips it."""
+    faces = settings.faces
     limit = settings.cameras.deadline_s + STALL_MARGIN_S
-    if settings.faces.backend == REKOGNITION_MATCHER:
-        limit += call_limit_s(settings.faces.rekognition_search_timeout_s)
+    if faces.image_store == "s3":
+        limit += store_call_limit_s(faces.image_store_timeout_s)
+    if faces.backend == REKOGNITION_MATCHER:
+        limit += call_limit_s(faces.rekognition_search_timeout_s)
     return limit
 
 

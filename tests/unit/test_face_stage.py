@@ -416,6 +416,28 @@ def test_the_stall_limit_with_rekognition_counts_botocores_waits_between_tries_l
         assert remote - local >= REKOGNITION_ATTEMPTS * 2 * timeout_s + RETRY_WAIT_S
 
 
+def test_one_s3_snapshot_write_that_waits_out_its_timeouts_does_not_take_the_stage_for_hung(tmp_path) -> None:
+    """With the S3 image store, a trigger's write of its snapshot is one S3 call: 4 tries, each timing out connecting
+    and reading at ``CG_FACES__IMAGE_STORE_TIMEOUT_S``, botocore's waits between (62 s at the default 5 s). The stall
+    limit left it to its 30 s margin, so one write that did not answer after a slow snapshot took the stage for hung;
+    it now adds that call's longest, whatever the face backend, as the watchlist service's ``/healthz`` does."""
+    from infra.clients.aws import standard_retry_wait_s
+    from infra.clients.image_store import S3ImageStore
+
+    cameras = CameraSettings(deadline_s=45.0)
+    for backend in ("local", "rekognition"):
+        for timeout_s in (FaceSettings().image_store_timeout_s, 30.0):
+            local = FaceSettings(backend=backend, image_store_timeout_s=timeout_s)
+            s3 = {"image_store": "s3", "aws_endpoint_url": "http://127.0.0.1:9"}
+            faces = FaceSettings(backend=backend, image_store_timeout_s=timeout_s, **s3)
+            settings = Settings(stack_dir=tmp_path, cameras=cameras, faces=faces)
+            config = S3ImageStore(settings).s3.meta.config  # the client the stage writes with (no request is made)
+            tries = config.retries["total_max_attempts"]
+            longest = tries * (config.connect_timeout + config.read_timeout) + standard_retry_wait_s(tries)
+            without = stall_limit_s(Settings(stack_dir=tmp_path, cameras=cameras, faces=local))
+            assert stall_limit_s(settings) >= without + longest, (backend, timeout_s)
+
+
 def test_an_entrance_event_dated_in_the_future_is_invalid_and_leaves_the_oid_memory_as_it_was() -> None:
     """A camera clock hours ahead, or a publisher naming a far-future time: such an event stopped the oid memory
     forgetting (it grew with every person for good) and hid that oid's real sighting, which was taken for one seen."""
