@@ -22,8 +22,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from infra.clients import aws
@@ -147,6 +149,11 @@ _MISSING_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 class ImageStore:
     """Base: the ref scheme and the factory; subclasses hold the bytes."""
+
+    progress: Callable[[], None] | None = None
+    """Called after each S3 call of the store ends, answered or failed (botocore's tries and waits done; the local
+    store's file operations call nothing): the watchlist service beats its ``/healthz`` there, so a command of several
+    S3 calls, each bounded by :func:`call_limit_s`, is not taken for a hang."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageStore:
@@ -360,6 +367,13 @@ class S3ImageStore(ImageStore):
                 retries={"mode": "standard", "total_max_attempts": S3_ATTEMPTS},
             ),
         )
+        for event in ("after-call.s3", "after-call-error.s3"):  # each call's end, after all its tries: one or the other
+            self.s3.meta.events.register(event, self._call_ended)
+
+    def _call_ended(self, **_event: Any) -> None:
+        """botocore's hook at the end of each S3 call: :attr:`progress`."""
+        if self.progress is not None:
+            self.progress()
 
     def holds(self, ref: str) -> bool:
         return isinstance(ref, str) and ref.startswith("s3://") and ref[5:].partition("/")[0] in self.allowed_buckets

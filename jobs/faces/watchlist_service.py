@@ -55,6 +55,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -213,10 +214,13 @@ class WatchlistCore:
         self.engine = engine or FaceEngine(settings.faces)
         self._owned: list[ImageStore] = []
         """The stores this core built, closed by :meth:`close` (an injected store stays its owner's)."""
+        self.progress: Callable[[], None] | None = None
+        """Called after each S3 call of any store this core uses ends (:attr:`ImageStore.progress`): the service beats
+        its ``/healthz`` there (:meth:`WatchlistService._watch_image_stores`)."""
         if store is None:
             store = ImageStore.from_settings(settings)
             self._owned.append(store)
-        self.store = store
+        self.store = self._watched(store)
         self.collection_pending = False
         """The collection is still to be created (:meth:`ensure_collection`): the service does it at its start."""
         if rekognition is None and settings.faces.backend == "rekognition":
@@ -238,6 +242,17 @@ class WatchlistCore:
         self.purge_missing: dict[str, str] = {}
         """The missing bucket the purge last logged as an ERROR, by store (:meth:`ImageStore.where`): logged again only
         when it changes or after a sweep of that store worked."""
+
+    def _watched(self, store: ImageStore) -> ImageStore:
+        """``store``, its calls' ends told to :attr:`progress` (whenever that is set): each of the stores a command may
+        reach (the current one, a former bucket, the one a ref names), so that several slow S3 calls in one command
+        are each progress, not together a hang."""
+        store.progress = self._call_ended
+        return store
+
+    def _call_ended(self) -> None:
+        if self.progress is not None:
+            self.progress()
 
     def ensure_collection(self) -> None:
         """Create the Rekognition collection this core built the client of, once it works; a
@@ -261,12 +276,12 @@ class WatchlistCore:
         the start (a local stage run on this machine) was otherwise neither swept nor searched by ``forget`` until a
         restart. The buckets come from the settings, which do not change while the service runs."""
         if self._former is None:
-            self._former = former_stores(self.settings, self.store)
+            self._former = [self._watched(store) for store in former_stores(self.settings, self.store)]
             self._owned += self._former
         elif not any(isinstance(store, LocalImageStore) for store in self._former) and (
             local := local_former_store(self.settings, self.store)
         ):
-            self._former.append(local)
+            self._former.append(self._watched(local))
             self._owned.append(local)
         return self._former
 
@@ -920,7 +935,7 @@ class WatchlistCore:
         for store in (self.store, *self.other_stores, *self.former()):
             if store.holds(ref):
                 return store
-        store = store_holding(ref, self.settings, self.store)
+        store = self._watched(store_holding(ref, self.settings, self.store))
         self.other_stores.append(store)
         self._owned.append(store)
         return store
@@ -1130,6 +1145,7 @@ class WatchlistService:
         self.heartbeat = metrics.Heartbeat()
         self.heartbeat.stale_s = health_limit_s(settings, self.heartbeat.stale_s)
         self._watch_rekognition()
+        self._watch_image_stores()
         self._processing = metrics.PROCESSING_SECONDS.labels(PROCESS)
 
     def _watch_rekognition(self) -> None:
@@ -1139,8 +1155,19 @@ class WatchlistService:
         under way is given up at the stop's deadline (``TransactionGivenUp``), its command not committed, read again at
         the next start: a call with botocore's retries (up to about a minute) ran on past the supervisor's SIGKILL."""
         if self.core.rekognition is not None:
-            self.core.rekognition.progress = lambda: self._beat(self._rekognition_problem or self._store_problem)
+            self.core.rekognition.progress = self._aws_call_ended
             self.core.rekognition.give_up_by = self._exit_by
+
+    def _watch_image_stores(self) -> None:
+        """Beat ``/healthz`` after each S3 call of the image stores that ends, answered or failed, as after each
+        Rekognition call: ``/healthz``'s limit outlasts one call (:func:`health_limit_s`), and before, a command of
+        several slow ones (a ``forget`` searching the current and former buckets, deleting and untagging) outlasted it
+        together and the supervisor restarted a service only waiting for S3."""
+        self.core.progress = self._aws_call_ended
+
+    def _aws_call_ended(self) -> None:
+        """Progress, saying what ``/readyz`` says meanwhile (the collection not created yet, the image store away)."""
+        self._beat(self._rekognition_problem or self._store_problem)
 
     def stop(self, *_: object) -> None:
         self._stop.set()

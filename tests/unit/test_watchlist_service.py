@@ -1153,6 +1153,58 @@ def test_a_local_image_folder_made_after_the_start_is_searched_by_forget_and_swe
     assert len(core.former()) == 1, "the folder is added once, not at every call"
 
 
+def test_a_command_of_several_slow_s3_calls_keeps_healthz_alive_each_call_being_progress(
+    moto_url, tmp_path, monkeypatch
+):
+    """``/healthz``'s limit outlasts one S3 call, but only Rekognition's calls beat it: a ``forget`` with the S3
+    image store makes many (the reference image, the snapshots by key in the current and a former bucket, the
+    retained ones), each bounded, together past the limit, and the supervisor restarted a service only waiting for S3.
+    Each S3 call that ends, of any store the command reaches, is progress now."""
+    from infra.clients import aws
+    from infra.clients.image_store import S3ImageStore
+    from infra.metrics import Heartbeat
+    from jobs.faces.watchlist_service import WatchlistService
+
+    now = [0.0]
+    alive: list[bool] = []
+    svc = WatchlistService.__new__(WatchlistService)
+    svc.heartbeat = Heartbeat(stale_s=60.0, clock=lambda: now[0])
+
+    def slow(**_event: object) -> None:  # every S3 call takes 40 s, under the limit alone
+        alive.append(svc.heartbeat()[0])
+        now[0] += 40.0
+
+    real = aws.aws_client
+
+    def slowed(*args: object, **kwargs: object) -> object:
+        client = real(*args, **kwargs)  # type: ignore[arg-type]
+        client.meta.events.register("before-call.s3", slow)
+        return client
+
+    monkeypatch.setattr(aws, "aws_client", slowed)
+    settings = _switched(moto_url, tmp_path, extra_image_buckets="old-a")
+    current = S3ImageStore(settings)
+    current.ensure_buckets()
+    current.s3.create_bucket(Bucket="old-a")
+    core = WatchlistCore(settings, engine=_Engine(), store=current)  # type: ignore[arg-type]
+    enrol(core, "subj-tx-1")
+    core.progress = svc.heartbeat.beat
+    now[0], alive[:] = 0.0, []
+    svc.heartbeat.beat()
+    forget = audit_of(core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW))
+    assert forget.outcome == "DONE", forget.reason
+    assert len(alive) >= 3 and all(alive), alive
+    assert svc.heartbeat()[0], "stale after the last call"
+    core.close()
+
+    svc.core, svc._store_problem = core, "image store unreachable"  # the service wires its beat there
+    svc._watch_image_stores()
+    now[0] += 100.0
+    assert core.progress is not None
+    core.progress()
+    assert svc.heartbeat() == (True, "degraded: image store unreachable")
+
+
 def test_the_former_buckets_clients_are_built_once_across_sweeps_and_forgets_and_closed_with_the_core(
     moto_url, tmp_path, monkeypatch
 ):
