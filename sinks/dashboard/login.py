@@ -54,7 +54,7 @@ _IMAGE_PATH = re.compile(r"^/cases/([^/]+)/images/([^/]+)$")
 
 
 class LoginConfigError(CheckoutGuardError, ValueError):
-    """A login setting that cannot work (a malformed password hash)."""
+    """A login setting that cannot work (a malformed password hash, a login name no verdict could be recorded under)."""
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -105,16 +105,28 @@ def _secret(value) -> str | None:
     return (value.get_secret_value() if value is not None else None) or None
 
 
-def unrecordable(user: str) -> str | None:
-    """Why no verdict could be recorded under the login name ``user``, None when one can: the login is a verdict's
-    ``actor`` (:func:`schemas.identifiers.check_actor`, 1 to 254 printable characters). Before, such a login was let
-    in and every verdict it gave was refused. Told from the name alone, never repeating it, so the 401 that says it
-    tells nothing of which logins exist."""
+def unrecordable(user: str, field: str = "the login name") -> str | None:
+    """Why no verdict could be recorded under the login name ``user`` (``field`` says which), None when one can: the
+    login is a verdict's ``actor`` (:func:`schemas.identifiers.check_actor`, 1 to 254 printable characters). Before,
+    such a login was let in and every verdict it gave was refused. Told from the name's length alone, never repeating
+    it, so the 401 that says it tells nothing of which logins exist, and a setting's error shows no control
+    characters nor a huge value."""
     try:
-        check_actor(user, "the login name")
+        check_actor(user, field)
     except InvalidRecord as exc:
         return f"{exc.reason}: a verdict records the login name as its actor"
     return None
+
+
+def _check_login_names(users: Mapping[str, object], username: str | None) -> None:
+    """:class:`LoginConfigError` for a configured login name no verdict could be recorded under (:func:`unrecordable`),
+    naming the setting and, for ``CG_DASHBOARD__USERS``, the entry's place: before, the dashboard started, and that
+    login was refused at every try (or, before that, let in with every verdict refused)."""
+    for place, name in enumerate(users, 1):
+        if why := unrecordable(name, f"the login name of CG_DASHBOARD__USERS entry {place} of {len(users)}"):
+            raise LoginConfigError(why)
+    if username is not None and (why := unrecordable(username, "CG_DASHBOARD__USERNAME")):
+        raise LoginConfigError(why)
 
 
 class LoginBackend(AuthenticationBackend):
@@ -128,6 +140,7 @@ class LoginBackend(AuthenticationBackend):
         for encoded in self.users.values():
             _parse_hash(encoded)  # a broken entry fails at start, not at someone's login
         password, token = _secret(dashboard.password), _secret(dashboard.token)
+        _check_login_names(dashboard.users, dashboard.username)
         self.single = (_digest(dashboard.username), _digest(password)) if dashboard.username and password else None
         self.known: set[str] = set(self.users) | ({dashboard.username} if dashboard.username and password else set())
         """Every login that exists: a full record of wrong tries never drops one of their locks."""

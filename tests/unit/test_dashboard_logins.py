@@ -211,12 +211,12 @@ def test_a_login_name_no_verdict_could_be_recorded_under_is_refused_at_login_say
 ) -> None:
     """A verdict's actor is the login name, 1 to 254 printable characters (``check_actor``): a longer login was let
     in, and every verdict it gave was then refused. It is refused at login now (before any scrypt), and
-    ``hash-password`` will not make its entry; a login of exactly 254 characters still works."""
+    ``hash-password`` will not make its entry; a login of exactly 254 characters still works. (Configured, such a
+    login stops the start: the next test.)"""
     from schemas.identifiers import ACTOR_MAX
 
     longest, over = "a" * (ACTOR_MAX - len("@example.com")) + "@example.com", "a" * ACTOR_MAX + "@example.com"
-    users = {"users": {name: SecretStr(ANA) for name in (longest, over)}}
-    client = served(**users)
+    client = served(users={longest: SecretStr(ANA)})
     assert client.get("/api/config", headers=basic(longest, "ana's long password")).status_code == 200
     checks: list[str] = []
     monkeypatch.setattr(login, "verify_password", lambda p, e: checks.append(p) or True)
@@ -226,6 +226,27 @@ def test_a_login_name_no_verdict_could_be_recorded_under_is_refused_at_login_say
     assert over not in refused.text, "the name itself is never echoed"
     made = CliRunner().invoke(dashboard_main.cli, ["hash-password", over], input="a long password\na long password\n")
     assert made.exit_code == 2 and f"1 to {ACTOR_MAX} printable characters" in made.output
+
+
+def test_a_configured_login_name_no_verdict_could_be_recorded_under_stops_the_dashboard_at_start() -> None:
+    """A ``CG_DASHBOARD__USERS`` login over 254 characters (or with a control character) was refused only at each try
+    to log in: the dashboard started with a login nobody could use. It stops the start now (``dashboard not started:``,
+    exit 2), naming the setting, the entry's place and the name's length, never the name; so does such a
+    ``CG_DASHBOARD__USERNAME``. A login of exactly 254 characters, or any printable one, still starts."""
+    from schemas.identifiers import ACTOR_MAX
+
+    longest, over = "a" * (ACTOR_MAX - len("@example.com")) + "@example.com", "a" * ACTOR_MAX + "@example.com"
+    for bad in (over, "ana\t@example.com", ""):
+        with pytest.raises(DashboardConfigError) as refused:
+            served(users={"ben@example.com": SecretStr(BEN), bad: SecretStr(ANA)})
+        why = str(refused.value)
+        assert "CG_DASHBOARD__USERS entry 2 of 2" in why and f"({len(bad)}-character string;" in why, why
+        assert f"1 to {ACTOR_MAX} printable characters" in why and (not bad or bad not in why), why
+    with pytest.raises(DashboardConfigError, match="CG_DASHBOARD__USERNAME") as single:
+        served(username=over, password=SecretStr("a long password"))
+    assert over not in str(single.value)
+    served(users={longest: SecretStr(ANA), "José Müller & Co": SecretStr(BEN)})
+    served(username=longest, password=SecretStr("a long password"))
 
 
 def test_personal_logins_reach_a_child_process_intact(monkeypatch: pytest.MonkeyPatch) -> None:
