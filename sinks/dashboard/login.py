@@ -125,8 +125,15 @@ def _check_login_names(users: Mapping[str, object], username: str | None) -> Non
     for place, name in enumerate(users, 1):
         if why := unrecordable(name, f"the login name of CG_DASHBOARD__USERS entry {place} of {len(users)}"):
             raise LoginConfigError(why)
+        if ":" in name:  # HTTP Basic splits user and password at the first colon: this login could never log in
+            raise LoginConfigError(
+                f"the login name of CG_DASHBOARD__USERS entry {place} of {len(users)} holds a colon: HTTP Basic "
+                "ends the name at the first colon, so it could never log in"
+            )
     if username is not None and (why := unrecordable(username, "CG_DASHBOARD__USERNAME")):
         raise LoginConfigError(why)
+    if username is not None and ":" in username:
+        raise LoginConfigError("CG_DASHBOARD__USERNAME holds a colon: HTTP Basic ends the name at the first colon")
 
 
 class LoginBackend(AuthenticationBackend):

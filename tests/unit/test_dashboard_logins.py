@@ -249,6 +249,15 @@ def test_a_configured_login_name_no_verdict_could_be_recorded_under_stops_the_da
     served(username=longest, password=SecretStr("a long password"))
 
 
+def test_a_configured_login_name_with_a_colon_stops_the_dashboard_at_start() -> None:
+    """HTTP Basic ends the login name at its first colon, so ``ana:shop@example.com`` could never log in: the
+    dashboard started with it all the same."""
+    with pytest.raises(DashboardConfigError, match="CG_DASHBOARD__USERS entry 2 of 2 holds a colon"):
+        served(users={"ben@example.com": SecretStr(BEN), "ana:shop@example.com": SecretStr(ANA)})
+    with pytest.raises(DashboardConfigError, match="CG_DASHBOARD__USERNAME holds a colon"):
+        served(username="ana:shop", password=SecretStr("a long password"))
+
+
 def test_personal_logins_reach_a_child_process_intact(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings().model_copy(update={"dashboard": DashboardSettings(**USERS)})
     env = settings.to_env()
