@@ -270,6 +270,11 @@ class OpenSearchSettings(BaseModel, frozen=True):
     aws_service: Literal["es", "aoss"] = "es"
     """SigV4: ``es`` for an OpenSearch Service domain, ``aoss`` for OpenSearch Serverless."""
     index_prefix: str = "checkout-guard"
+    replicas: int = Field(default=0, ge=0)
+    """Copies of each shard beside its primary, on every index the OpenSearch sink creates and on the prefix's
+    existing ones at its start (a dynamic setting: taken in place). 0 suits the local single-node stack, which can
+    hold no replica; a domain of several nodes needs at least 1, else one node lost loses the indices' data and
+    stops the writes."""
     heap: str = "512m"
     bulk_max_docs: int = Field(default=2000, ge=1)
     verify_certs: bool = True

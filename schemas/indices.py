@@ -196,13 +196,24 @@ def single_index_name(index_prefix: str, kind: str) -> str:
     return f"{index_name(index_prefix, kind)}-{SINGLE_SUFFIX}"
 
 
-def load_template(kind: str, index_prefix: str) -> dict[str, Any]:
+def with_replicas(settings: dict[str, Any], replicas: int | None) -> dict[str, Any]:
+    """An index body's ``settings`` with ``index.number_of_replicas`` set to ``replicas``
+    (``CG_OPENSEARCH__REPLICAS``); ``None`` leaves it to the cluster's default. The count is the deployment's, not
+    the schema's: the local single node can hold no replica, a production domain of several nodes needs one."""
+    if replicas is None:
+        return settings
+    return {**settings, "index": {**settings.get("index", {}), "number_of_replicas": replicas}}
+
+
+def load_template(kind: str, index_prefix: str, replicas: int | None = None) -> dict[str, Any]:
     """The composable index template ``templates/<kind>.json``, bound to ``<prefix>-<kind>-*`` with the
-    read alias ``<prefix>-<kind>``, so an index created by a bulk request joins the alias by itself."""
+    read alias ``<prefix>-<kind>``, so an index created by a bulk request joins the alias by itself; its indices get
+    ``replicas`` replicas (:func:`with_replicas`)."""
     body = json.loads((TEMPLATE_DIR / f"{kind}.json").read_text())
     alias = index_name(index_prefix, kind)
     body["index_patterns"] = [f"{alias}-*"]
     body["template"]["aliases"] = {alias: {}}
+    body["template"]["settings"] = with_replicas(body["template"]["settings"], replicas)
     return body
 
 

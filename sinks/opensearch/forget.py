@@ -64,6 +64,7 @@ from schemas.indices import (
     enrolment_transaction,
     index_name,
     single_index_name,
+    with_replicas,
 )
 from schemas.topics import FACE_OBSERVATIONS, readable_for_ms
 
@@ -541,27 +542,34 @@ def matched_sightings(
 # --------------------------------------------------------------------------- the memory, past a restart
 
 SIGHTINGS_INDEX_BODY: dict[str, Any] = {
-    "settings": {"index": {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": "1s"}},
+    "settings": {"index": {"number_of_shards": 1, "refresh_interval": "1s"}},
     "mappings": {"dynamic": "strict", "properties": {"until": {"type": "date", "format": "epoch_millis"}}},
 }
 """The sink's index of :attr:`Forgotten.sightings` (``<prefix>-forgotten_sightings-all``, read alias
 ``<prefix>-forgotten_sightings``): one document per :func:`sighting_key` (its id; a digest, no image ref or
-transaction id), with until when it is remembered."""
+transaction id), with until when it is remembered. Its replica count is the deployment's
+(:func:`~schemas.indices.with_replicas`), given where it is created."""
 
 
-def save_sightings(client: OpenSearch, index_prefix: str, until: Mapping[str, int]) -> str | None:
+def save_sightings(
+    client: OpenSearch, index_prefix: str, until: Mapping[str, int], replicas: int | None = None
+) -> str | None:
     """Write ``until`` (:func:`sighting_key` -> until when, ms) to the sink's index, so that a restart finds it
     again (:func:`load_sightings`): before, what named an entrance or lane-view sighting (its image ref) went with the
     restart, and its observation read after it was indexed until its retention. Returns why it must be repeated
     (OpenSearch busy or away for a document), ``None`` once written; raises the client's ``TransportError`` when
-    OpenSearch cannot be reached. A write refused for good is logged (its key) and left: the key stays in memory."""
+    OpenSearch cannot be reached. A write refused for good is logged (its key) and left: the key stays in memory.
+    The index is created on the first write, with ``replicas`` replicas (``CG_OPENSEARCH__REPLICAS``: before, always
+    none, so a production domain that lost a node lost it)."""
     if not until:
         return None
     alias = index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND)
     index = single_index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND)
     if not client.indices.exists(index=index):
         try:
-            client.indices.create(index=index, body={**SIGHTINGS_INDEX_BODY, "aliases": {alias: {}}})
+            settings = with_replicas(SIGHTINGS_INDEX_BODY["settings"], replicas)
+            body = {**SIGHTINGS_INDEX_BODY, "settings": settings, "aliases": {alias: {}}}
+            client.indices.create(index=index, body=body)
         except RequestError as exc:
             if exc.error != "resource_already_exists_exception":
                 raise

@@ -11,7 +11,9 @@ through the alias ``<index_prefix>-transactions`` (likewise ``-alerts``, ``-face
 so every new period index joins it); labels go to the one index ``<index_prefix>-labels-all`` (alias
 ``<index_prefix>-labels``), one document per transaction whatever day its verdict was decided; and
 ``dead_letters`` for messages that cannot be decoded or that OpenSearch rejects for good (stage
-``opensearch-sink``). Retention drops whole period indices (``sinks/opensearch/retention.py``, applied
+``opensearch-sink``). Every index it creates (by template, and its own) has ``opensearch.replicas`` replicas, and at
+start the prefix's existing indices are given that count where they have another (:func:`set_replicas`).
+Retention drops whole period indices (``sinks/opensearch/retention.py``, applied
 at start and every ``indices.retention_interval_s``); the labels index is kept, like its compacted topic.
 Face embeddings are left out of the documents unless ``indices.include_face_embeddings`` is set; a customer
 known only by e-mail address is indexed as ``email-hmac:<keyed hash>`` (``indices.customer_key_secret``), never
@@ -105,6 +107,7 @@ from schemas.identifiers import ALERT_ID_RE
 from schemas.identifiers import check as check_id
 from schemas.indices import (
     DEFAULT_GROUP_ID,
+    FORGOTTEN_SIGHTINGS_KIND,
     HASHED_KIND_SUFFIX,
     PSEUDONYMOUS_KEY_KINDS,
     ROUTES,
@@ -156,6 +159,7 @@ def install_templates(
     period: str = "day",
     now_ms: int | None = None,
     customer_key_secret: str | None = None,
+    replicas: int | None = None,
 ) -> list[str]:
     """Install the templates and make sure each alias resolves with the current mapping; safe to repeat.
 
@@ -165,13 +169,16 @@ def install_templates(
     is first moved into period indices (:func:`migrate_legacy_index`, customer keys pseudonymised with
     ``customer_key_secret`` on the way). Raises :class:`IndexPeriodConflict`,
     before changing anything, when the prefix holds period indices of another ``period`` (:func:`check_period`).
+    The templates give new indices ``replicas`` replicas (``CG_OPENSEARCH__REPLICAS``), and the prefix's existing
+    indices (the sink's own too) that have another count are given it (:func:`set_replicas`); ``None`` leaves both
+    to the cluster.
     """
     check_period(client, index_prefix, period)
     now = now_ms if now_ms is not None else clock.now_ms()
-    names = []
+    names, every_index = [], list[str]()
     for route in ROUTES:
         alias = route.index(index_prefix)
-        body = load_template(route.kind, index_prefix)
+        body = load_template(route.kind, index_prefix, replicas)
         if client.indices.exists(index=alias) and not client.indices.exists_alias(name=alias):
             # An index may not be created with an alias named like an existing index: copy first.
             client.indices.put_index_template(
@@ -186,7 +193,55 @@ def install_templates(
         for chunk in range(0, len(existing), 50):  # index names go in the URL: keep it short
             client.indices.put_mapping(index=",".join(existing[chunk : chunk + 50]), body=body["template"]["mappings"])
         names.append(alias)
+        every_index += existing
+    if replicas is not None:
+        own = single_index_name(index_prefix, FORGOTTEN_SIGHTINGS_KIND)
+        every_index += [own] if client.indices.exists(index=own) else []
+        try:
+            changed = set_replicas(client, every_index, replicas)
+        except TransportError as exc:
+            if is_retriable(exc.status_code, str(exc.error)):
+                raise  # the cluster's trouble: the start tries again
+            # Refused for good (a user without the right, the cluster's shard limit): the old indices keep their
+            # count, and the sink still indexes, rather than not starting at all.
+            log.warning(
+                "OpenSearch refused to give the existing indices of %s %d replicas (%s); new indices get them. Let "
+                "the sink's user update their settings, or set index.number_of_replicas on them by hand",
+                index_prefix,
+                replicas,
+                _short(exc),
+            )
+        else:
+            if changed:
+                log.info("index.number_of_replicas set to %d on %d existing index(es)", replicas, len(changed))
     return names
+
+
+def set_replicas(client: OpenSearch, names: Sequence[str], replicas: int) -> list[str]:
+    """Give each of ``names`` ``replicas`` replicas where it has another count; the names changed.
+
+    The templates give new indices the count, but an index created before (under the old templates' 0, or another
+    ``CG_OPENSEARCH__REPLICAS``) kept its own, and a production domain that lost a node lost its data and went red:
+    ``index.number_of_replicas`` is dynamic, so it is changed in place, without a reindex (OpenSearch copies the
+    shards in the background). Only indices with another count are asked, so a repeated start changes nothing.
+    """
+    changed: list[str] = []
+    options = {"ignore_unavailable": "true", "expand_wildcards": "open,closed"}  # one deleted meanwhile is no error
+    for chunk in range(0, len(names), 50):  # index names go in the URL: keep it short
+        answer = client.indices.get_settings(
+            index=",".join(names[chunk : chunk + 50]), name="index.number_of_replicas", params=options
+        )
+        other = sorted(
+            name
+            for name, body in answer.items()
+            if str(body.get("settings", {}).get("index", {}).get("number_of_replicas")) != str(replicas)
+        )
+        if other:
+            client.indices.put_settings(
+                index=",".join(other), body={"index": {"number_of_replicas": replicas}}, params=options
+            )
+            changed += other
+    return changed
 
 
 class IndexPeriodConflict(CheckoutGuardError):
@@ -1115,7 +1170,11 @@ class OpenSearchSink:
 
     def _install_templates(self) -> None:
         names = install_templates(
-            self.client, self.index_prefix, self.indices.period, customer_key_secret=self._customer_key_secret
+            self.client,
+            self.index_prefix,
+            self.indices.period,
+            customer_key_secret=self._customer_key_secret,
+            replicas=self.settings.opensearch.replicas,
         )
         log.info("index templates installed for %s", ", ".join(names))
 
@@ -1412,7 +1471,7 @@ class OpenSearchSink:
         (:func:`~sinks.opensearch.forget.save_sightings`); why it must be repeated, ``None`` when written."""
         unsaved = self.forgotten.take_unsaved()
         try:
-            problem = save_sightings(self.client, self.index_prefix, unsaved)
+            problem = save_sightings(self.client, self.index_prefix, unsaved, self.settings.opensearch.replicas)
         except TransportError as exc:
             problem = _short(exc)
         if problem is not None:

@@ -644,3 +644,28 @@ def test_a_service_that_keeps_files_keeps_them_on_its_mount_in_one_task_at_a_tim
     deployment = service["Properties"]["DeploymentConfiguration"]
     assert (deployment["MaximumPercent"], deployment["MinimumHealthyPercent"]) == (100, 0)
     assert set(service["DependsOn"]) == set(resources(template, "AWS::EFS::MountTarget"))
+
+
+CREATES_INDICES = re.compile(r"\b(install_templates|save_sightings)\(")
+"""How a service's code creates OpenSearch indices (the templates, the sink's own index)."""
+
+
+def test_every_ecs_service_that_creates_indices_gives_them_replicas_on_the_zone_aware_domain() -> None:
+    """The sink gave every index 0 replicas (the local single node's count) on a domain of three AZs: one data node
+    lost lost the analysts' history and turned the indices red, stopping the writes. Now it is given
+    ``OpenSearchReplicas``, at least 1 and at most one copy per zone beside the primary."""
+    template = load(AWS_DIR / "services.yaml")
+    users = services_whose_code_says(template, CREATES_INDICES)
+    assert users == {"opensearch-sink"}
+    for name in users:
+        assert environment(containers(template)[name])["CG_OPENSEARCH__REPLICAS"] == {"Ref": "OpenSearchReplicas"}
+    parameter = template["Parameters"]["OpenSearchReplicas"]
+    domain = load(AWS_DIR / "opensearch.yaml")
+    (cluster,) = (
+        r["Properties"]["ClusterConfig"] for r in resources(domain, "AWS::OpenSearchService::Domain").values()
+    )
+    zones = cluster["ZoneAwarenessConfig"]["AvailabilityZoneCount"]
+    assert cluster["ZoneAwarenessEnabled"] is True and zones == 3
+    fewest_nodes = min(int(n) for n in domain["Parameters"]["DataNodes"]["AllowedValues"])
+    allowed = {int(v) for v in parameter["AllowedValues"]}
+    assert int(parameter["Default"]) == 1 and allowed == set(range(1, min(zones, fewest_nodes)))

@@ -15,7 +15,7 @@ from opensearchpy.serializer import JSONSerializer
 
 from infra.metrics import Heartbeat
 from infra.retry import Backoff
-from infra.settings import Settings
+from infra.settings import OpenSearchSettings, Settings
 from jobs.cases.service import SERVICE_ACTOR as CASE_SERVICE_ACTOR
 from schemas.indices import CASES_ROUTE, ROUTES
 from schemas.records import WATCHLIST_SERVICE_ACTOR, Alert, AuditEvent, FaceObservation
@@ -999,6 +999,18 @@ def test_a_restarted_sink_still_leaves_out_an_entrance_sighting_of_a_subject_for
     restarted.sink._process(_messages("face_observations", late))
     assert _faces(cluster) == {"checkout:tx-21", "checkout:tx-22", "entrance:9"}
     assert restarted.sink.stats.forgotten_on_write == 2
+
+
+def test_the_sinks_own_index_is_created_with_the_configured_replicas() -> None:
+    """It was created with 0 replicas whatever the cluster: a production domain that lost a node lost it."""
+    cluster = FakeCluster()
+    settings = Settings(opensearch=OpenSearchSettings(replicas=2))  # CG_OPENSEARCH__REPLICAS=2
+    sink = OpenSearchSink(settings, index_prefix=PREFIX, client=cluster)  # type: ignore[arg-type]
+    sink.forgotten.remember({"image_ref": ["entrance/1.jpg"]}, T0)
+    assert sink._save_sightings() is None
+    created = cluster.created["cg-forgotten_sightings-all"]
+    assert created["settings"]["index"]["number_of_replicas"] == 2
+    assert created["mappings"]["dynamic"] == "strict" and "cg-forgotten_sightings" in created["aliases"]
 
 
 def test_the_sinks_memory_of_sightings_is_read_while_due_and_deleted_from_its_index_after() -> None:

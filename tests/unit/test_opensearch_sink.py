@@ -14,7 +14,7 @@ from opensearchpy.exceptions import TransportError
 from opensearchpy.serializer import JSONSerializer
 
 from infra.retry import Backoff
-from infra.settings import IndicesSettings, Settings
+from infra.settings import IndicesSettings, OpenSearchSettings, Settings
 from schemas.codec import latest_versions
 from schemas.indices import (
     ROUTES,
@@ -229,7 +229,8 @@ def test_template_maps_every_schema_field_strictly(route: Any) -> None:
     assert template["index_patterns"] == [f"backtest-{route.kind}-*"]
     assert template["template"]["aliases"] == {f"backtest-{route.kind}": {}}
     settings = template["template"]["settings"]["index"]
-    assert (settings["number_of_shards"], settings["number_of_replicas"], settings["refresh_interval"]) == (1, 0, "1s")
+    assert (settings["number_of_shards"], settings["refresh_interval"]) == (1, "1s")
+    assert "number_of_replicas" not in settings  # the deployment's (CG_OPENSEARCH__REPLICAS), not the schema's
     mappings = template["template"]["mappings"]
     assert mappings["dynamic"] == "strict"
     schema = latest_versions()[route.topic.record_type]
@@ -487,6 +488,117 @@ def test_a_sink_refuses_a_period_other_than_the_one_the_prefixs_indices_were_wri
     }
     assert period_kind("cg-transactions-2026.11", "cg", "transactions") == "month"
     assert period_kind("cg-labels-all", "cg", "labels") is None
+
+
+class ReplicaCluster:
+    """Indices with their replica counts and templates that give new ones theirs: what installing templates asks."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.indices = self
+        self.replicas = dict.fromkeys(names, "0")  # OpenSearch answers settings as strings
+        self.templates: dict[str, dict[str, Any]] = {}
+        self.updated: list[str] = []
+        """The ``index`` of each settings update."""
+
+    def get_settings(self, index: str, **_: Any) -> dict[str, Any]:
+        if index.endswith("*"):
+            names = [n for n in self.replicas if n.startswith(index[:-1])]
+        else:
+            names = [n for n in index.split(",") if n in self.replicas]
+        return {
+            n: {"settings": {"index": {"creation_date": "0", "number_of_replicas": self.replicas[n]}}} for n in names
+        }
+
+    def exists(self, index: str, **_: Any) -> bool:
+        return index in self.replicas
+
+    def put_index_template(self, name: str, body: dict[str, Any]) -> None:
+        self.templates[name] = body
+
+    def create(self, index: str, **_: Any) -> None:
+        (template,) = (t for t in self.templates.values() if index.startswith(t["index_patterns"][0][:-1]))
+        self.replicas[index] = str(template["template"]["settings"]["index"].get("number_of_replicas", 0))
+
+    def update_aliases(self, **_: Any) -> None:
+        pass
+
+    def put_mapping(self, **_: Any) -> None:
+        pass
+
+    def put_settings(self, index: str, body: dict[str, Any], **_: Any) -> None:
+        self.updated.append(index)
+        for name in index.split(","):
+            self.replicas[name] = str(body["index"]["number_of_replicas"])
+
+
+NOV_22 = 1_795_305_600_000  # 2026-11-22T00:00Z
+OLD_INDICES = [
+    "cg-transactions-2026.11.21",
+    "cg-alerts-2026.11.21",
+    "cg-labels-all",
+    "cg-forgotten_sightings-all",
+    "cgx-transactions-2026.11.21",  # another prefix's
+]
+
+
+def test_every_index_template_gives_its_indices_the_configured_replicas() -> None:
+    """The templates said 0 replicas whatever the cluster: on a production domain of several nodes, one node lost
+    lost the analysts' history and turned the indices red, stopping the sink's writes."""
+    cluster = ReplicaCluster([])
+    install_templates(cluster, "cg", now_ms=NOV_22, replicas=2)  # type: ignore[arg-type]
+    assert set(cluster.templates) == {route.index("cg") for route in ROUTES}
+    for body in cluster.templates.values():
+        assert body["template"]["settings"]["index"]["number_of_replicas"] == 2
+    assert cluster.replicas and set(cluster.replicas.values()) == {"2"}  # today's indices, created by template
+    assert load_template("transactions", "cg", 0)["template"]["settings"]["index"]["number_of_replicas"] == 0
+
+
+def test_existing_indices_of_the_prefix_are_given_the_replicas_once_in_place() -> None:
+    """``index.number_of_replicas`` is dynamic: indices created under the old templates take the count at the sink's
+    start, without a reindex; a start that finds them with it changes nothing, and another prefix is left alone."""
+    cluster = ReplicaCluster(OLD_INDICES)
+    install_templates(cluster, "cg", now_ms=NOV_22, replicas=1)  # type: ignore[arg-type]
+    assert cluster.updated == [
+        "cg-alerts-2026.11.21,cg-forgotten_sightings-all,cg-labels-all,cg-transactions-2026.11.21"
+    ]
+    assert {n: r for n, r in cluster.replicas.items() if r != "1"} == {"cgx-transactions-2026.11.21": "0"}
+    install_templates(cluster, "cg", now_ms=NOV_22, replicas=1)  # type: ignore[arg-type]
+    assert len(cluster.updated) == 1  # nothing to change the second time
+    install_templates(cluster, "cg", now_ms=NOV_22, replicas=0)  # type: ignore[arg-type]  # a changed setting
+    assert len(cluster.updated) == 2 and cluster.replicas["cg-labels-all"] == "0"
+
+
+def test_replicas_refused_for_good_leave_the_old_indices_as_they_are_and_cluster_trouble_is_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sink user without the right to update index settings (or a cluster at its shard limit) must not keep the
+    sink from indexing; 429 and 5xx raise, so the start tries again."""
+
+    class Refuses(ReplicaCluster):
+        def __init__(self, error: TransportError) -> None:
+            super().__init__(OLD_INDICES)
+            self.error = error
+
+        def put_settings(self, index: str, body: dict[str, Any], **_: Any) -> None:
+            raise self.error
+
+    forbidden = Refuses(TransportError(403, "security_exception", {}))
+    install_templates(forbidden, "cg", now_ms=NOV_22, replicas=1)  # type: ignore[arg-type]
+    assert set(forbidden.templates) == {route.index("cg") for route in ROUTES}
+    assert "refused to give the existing indices of cg 1 replicas" in caplog.text
+    with pytest.raises(TransportError):
+        install_templates(Refuses(TransportError(503, "unavailable", {})), "cg", now_ms=NOV_22, replicas=1)  # type: ignore[arg-type]
+
+
+def test_the_sink_applies_its_replicas_setting_and_the_local_default_changes_nothing() -> None:
+    local = Settings(opensearch=OpenSearchSettings())
+    assert local.opensearch.replicas == 0  # the local stack's one node can hold no replica
+    cluster = ReplicaCluster(OLD_INDICES)
+    OpenSearchSink(local, index_prefix="cg", client=cluster)._install_templates()  # type: ignore[arg-type]
+    assert cluster.updated == [] and set(cluster.replicas.values()) == {"0"}
+    production = Settings(opensearch=OpenSearchSettings(replicas=1))  # CG_OPENSEARCH__REPLICAS=1
+    OpenSearchSink(production, index_prefix="cg", client=cluster)._install_templates()  # type: ignore[arg-type]
+    assert {n for n, r in cluster.replicas.items() if r != "1"} == {"cgx-transactions-2026.11.21"}
 
 
 def test_retention_drops_indices_whose_period_ended_and_that_were_created_long_enough_ago() -> None:
