@@ -273,6 +273,10 @@ class Alert(Record):
     match_threshold: float | None = None
     """The similarity at or above which ``matcher`` took the face for a match (on its scale), for a face match: the
     messages give it beside the similarity, as ``checkout <tx>`` does (Alert v6; ``None`` before)."""
+    observation_id: str | None = None
+    """The face observation a face match was made on (its ``observation_id``; Alert v6, ``None`` before and for no
+    match): what names that sighting once its subject is forgotten, also when its snapshot could not be stored and
+    the alert has no ``snapshot_ref`` (the OpenSearch sink's forget, ``sinks.opensearch.forget``)."""
 
 
 class AlertAvro(TypedDict):
@@ -299,6 +303,7 @@ class AlertAvro(TypedDict):
     transaction_kind: str | None
     matcher: str | None
     match_threshold: float | None
+    observation_id: str | None
 
 
 LOCAL_MATCHER, REKOGNITION_MATCHER = "local", "rekognition"

@@ -712,6 +712,7 @@ def drift_alert(report: ModelDriftRecord, psi_alert: float = 0.25, *, since: int
         "transaction_kind": None,
         "matcher": None,
         "match_threshold": None,
+        "observation_id": None,
         "summary": (
             f"Fraud model {report['model_version']} drifts from its training data in the hour from {hour} "
             f"({report['rows']} transactions): score PSI {report['score_psi']:.2f}; worst features {worst} "

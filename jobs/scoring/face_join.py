@@ -159,6 +159,14 @@ def match_threshold(faces: FaceSettings, matcher: str | None) -> float | None:
     return None
 
 
+def matched_observation(face: FaceResult, camera: Seen | None) -> str | None:
+    """The face observation a ``MATCHED`` face was matched on (its ``observation_id``), for its alerts; ``None`` for
+    any other face (an unavailable face's :class:`Seen` holds a reason there, not an id). After its subject is
+    forgotten, the OpenSearch sink finds the sighting by it, also when its snapshot could not be stored (no
+    ``image_ref``, so no ``snapshot_ref`` on the alert) and it has no transaction (an entrance, a lane's live view)."""
+    return camera.observation_id if camera is not None and face.status == "MATCHED" else None
+
+
 def observation_result(obs: dict[str, Any], watchlist: WatchlistLike | None) -> FaceResult:
     """A face observation as the decision sees it: the face stage's status, upgraded by a watchlist match. A face
     the stage searched in Rekognition (``matcher``) is taken as the stage found it: :func:`rekognition_result`.

@@ -26,7 +26,7 @@ from typing import Any
 
 from infra.settings import Settings
 from jobs.scoring.claims import ConflictingTransaction
-from jobs.scoring.face_join import Seen, match_threshold
+from jobs.scoring.face_join import Seen, match_threshold, matched_observation
 from jobs.scoring.face_similarity import embedding_problem, similarity
 from jobs.scoring.features import (
     HISTORY_KEY,
@@ -486,6 +486,7 @@ class Scorer:
             how=f"at checkout ({tx['transaction_id']}), seen after the sale was decided without a face",
             reason=LATE_FACE_REASON,
             threshold=self.match_threshold(face),
+            observation_id=matched_observation(face, camera),
         )
         return [self.alert_row(alert)]
 
@@ -557,14 +558,22 @@ class Scorer:
         scored = self.scored_record(tx, ind, model, face, decision, ingest, before_model, decided_at)
         rows: list[OutRow] = [(self.scored_topic, tx["transaction_id"].encode(), self._scored.encode(scored))]
         snapshot = camera.image_ref if camera else None
-        threshold = self.match_threshold(face)
+        threshold, observation_id = self.match_threshold(face), matched_observation(face, camera)
         if decision.outcome == "BLOCK":
-            alert = self.blocked_alert(tx, decision, face, snapshot, threshold)
+            alert = self.blocked_alert(tx, decision, face, snapshot, threshold, observation_id)
             rows.append(self.alert_row(alert))
         if face.status == "MATCHED":
             seen_as = f"checkout:{tx['transaction_id']}"
             alert = self.watchlist_alert(
-                tx["event_time"], tx["store_id"], tx["lane_id"], face, snapshot, seen_as, tx, threshold=threshold
+                tx["event_time"],
+                tx["store_id"],
+                tx["lane_id"],
+                face,
+                snapshot,
+                seen_as,
+                tx,
+                threshold=threshold,
+                observation_id=observation_id,
             )
             rows.append(self.alert_row(alert))
         return rows
@@ -583,6 +592,7 @@ class Scorer:
             obs["observation_id"],
             None,
             threshold=self.match_threshold(face),
+            observation_id=obs["observation_id"],
         )
         return [self.alert_row(alert)]
 
@@ -604,6 +614,7 @@ class Scorer:
             reason=LANE_VIEW_REASON,
             at_lane=True,
             threshold=self.match_threshold(face),
+            observation_id=obs["observation_id"],
         )
         return [self.alert_row(alert)]
 
@@ -693,8 +704,10 @@ class Scorer:
         face: FaceResult | None = None,
         snapshot_ref: str | None = None,
         threshold: float | None = None,
+        observation_id: str | None = None,
     ) -> AlertAvro:
-        """A blocked sale or refund; ``threshold``: what its face was matched at, when it names a match."""
+        """A blocked sale or refund; ``threshold``: what its face was matched at, and ``observation_id`` the face
+        observation it was matched on (:func:`matched_observation`), when it names a match."""
         reasons = ", ".join(decision.reasons) or "risk"
         face = face or FaceResult()
         return {
@@ -717,6 +730,7 @@ class Scorer:
             "transaction_kind": tx["kind"],
             "matcher": face.matcher if face.status == "MATCHED" else None,
             "match_threshold": threshold if face.status == "MATCHED" else None,
+            "observation_id": observation_id if face.status == "MATCHED" else None,
             "summary": (
                 f"Blocked {tx['kind'].lower()} {tx['transaction_id']} of "
                 f"{money(tx['amount'], tx['currency'])} {tx['currency']} "
@@ -737,14 +751,16 @@ class Scorer:
         reason: str | None = None,
         at_lane: bool = False,
         threshold: float | None = None,
+        observation_id: str | None = None,
     ) -> AlertAvro:
         """Suspect or VIP recognised at a checkout (``seen_as`` = ``checkout:<tx>``), an entrance, or (``at_lane``,
         without ``tx``) in a lane's live view after a sale: ``SUSPECT_AT_LANE`` / ``VIP_AT_LANE``, not the entrance
         kinds, so its headline and per-kind counts do not say "entered". ``how`` replaces the summary's
         "entered"/"at checkout (<tx>)"; ``reason`` is a reason code added to the match's; ``threshold`` the similarity
-        the match was taken at (:meth:`match_threshold`), which the messages give beside the similarity. The summary
-        says "Possible suspect ...", as the alert's headline does: a match is a lead for a person to check, not a
-        fact."""
+        the match was taken at (:meth:`match_threshold`), which the messages give beside the similarity;
+        ``observation_id`` the face observation it was made on, which names the sighting when its subject is
+        forgotten (an observation whose snapshot could not be stored has no image ref to name it). The summary says
+        "Possible suspect ...", as the alert's headline does: a match is a lead for a person to check, not a fact."""
         suspect = face.category == "SUSPECT"
         if at_lane:
             kind = "SUSPECT_AT_LANE" if suspect else "VIP_AT_LANE"
@@ -774,6 +790,7 @@ class Scorer:
             "transaction_kind": tx["kind"] if tx else None,
             "matcher": face.matcher,
             "match_threshold": threshold,
+            "observation_id": observation_id,
             "summary": (
                 f"{what} {face.subject_id} {how} at {where}, similarity {similarity_text(face.similarity or 0)}{by}"
             ),

@@ -9,7 +9,8 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
   (:attr:`~schemas.indices.Route.erased_with_subject`), and the sightings the scoring job matched to the subject
   (:func:`matched_sightings`: with the local backend, the default, the face stage reports ``NO_MATCH`` without a
   subject and the job does the match, so those observations name no subject; they are found by the image of the
-  subject's alerts and by the transactions the job decided with the subject's face);
+  subject's alerts, by the observation ids they name and by the transactions the job decided with the subject's
+  face);
 - removes the face-derived fields (image refs, :attr:`~schemas.indices.Route.face_fields`) from the subject's
   alerts and cases, and from those of its enrolment sale (``transaction_id``: the snapshot of the buyer
   enrolled), keeping the decision (subject id, category, similarity, verdict): the forget itself is an audit
@@ -18,13 +19,14 @@ watchlist tombstone). The OpenSearch sink reads those audit events (:func:`forge
   lagging partition, a case updated after the forget) is dropped or stripped at write time instead of
   bringing it back; an ``ENROLL`` of the same subject id after the forget lifts it for what comes from then on
   (:func:`enrolment_of`: a new entry, as the Webex eraser reads it);
-- remembers, for :data:`SIGHTING_MEMORY_MS`, the image refs and transaction ids of the sightings the job matched to
-  the subject (found by the forget, or named by an alert or decision of the subject the sink reads after it): such an
-  observation names nobody, so one read after the forget was indexed until its retention; it is now dropped at write
-  time, and one indexed before the alert or decision that names its subject came is deleted then. What it remembers
-  (digests: :func:`sighting_key`) is also written to the sink's own index (:func:`save_sightings`), before the strip
-  takes the alerts' image refs and before the offsets are committed, so a restarted sink finds it again
-  (:func:`load_sightings`): an entrance or lane-view sighting has no transaction, and only its image ref names it.
+- remembers, for :data:`SIGHTING_MEMORY_MS`, the image refs, transaction ids and observation ids of the sightings
+  the job matched to the subject (found by the forget, or named by an alert or decision of the subject the sink reads
+  after it): such an observation names nobody, so one read after the forget was indexed until its retention; it is
+  now dropped at write time, and one indexed before the alert or decision that names its subject came is deleted
+  then. What it remembers (digests: :func:`sighting_key`) is also written to the sink's own index
+  (:func:`save_sightings`), before the strip takes the alerts' image refs and before the offsets are committed, so a
+  restarted sink finds it again (:func:`load_sightings`): an entrance or lane-view sighting has no transaction, and
+  only its image ref and its observation id (the alert's ``observation_id``, which the strip keeps) name it.
 
 Why ``audit`` rather than the ``watchlist`` tombstones: the tombstone is compacted away about a day after the
 forget (``delete.retention.ms``), while ``face_observations`` segments and the 30-day ``alerts`` and compacted
@@ -83,12 +85,12 @@ its hour's segment, both set on the topic (and enforced on an existing one)."""
 
 SIGHTING_MEMORY_MS = 2 * OBSERVATION_READABLE_MS
 """How long, from when it learnt them or last left out an observation they name, the sink remembers what names a
-forgotten subject's matched sighting (an image ref, a transaction id): as long as a copy of the observation can still
-be read. A sighting's observation is on the topic before the alert and the decision that name its subject (the job
-matches the observation) and is read at most :data:`OBSERVATION_READABLE_MS` after it was written; but a replay
-(``producers.replay``) can copy it into the topic again until then, and that copy is read for as long again. Before,
-the memory lasted one :data:`OBSERVATION_READABLE_MS`, and a copy replayed late in it was indexed after the memory
-went. A copy left out renews it (a copy of that copy)."""
+forgotten subject's matched sighting (an image ref, a transaction id, an observation id): as long as a copy of the
+observation can still be read. A sighting's observation is on the topic before the alert and the decision that name
+its subject (the job matches the observation) and is read at most :data:`OBSERVATION_READABLE_MS` after it was
+written; but a replay (``producers.replay``) can copy it into the topic again until then, and that copy is read for as
+long again. Before, the memory lasted one :data:`OBSERVATION_READABLE_MS`, and a copy replayed late in it was indexed
+after the memory went. A copy left out renews it (a copy of that copy)."""
 
 
 def sighting_key(field_name: str, value: str) -> str:
@@ -154,9 +156,9 @@ class Forgotten:
     sale_subject: dict[str, str] = field(default_factory=dict)
     """Enrolment sale -> the subject enrolled from it."""
     sightings: dict[str, int] = field(default_factory=dict)
-    """:func:`sighting_key` of a face observation's field (``image_ref``, ``transaction_id``) and a value naming a
-    forgotten subject's matched sighting -> until when it is remembered (ms): :data:`SIGHTING_MEMORY_MS` after it was
-    learnt, or after an observation it names was last left out."""
+    """:func:`sighting_key` of a face observation's field (``image_ref``, ``transaction_id``, ``observation_id``) and a
+    value naming a forgotten subject's matched sighting -> until when it is remembered (ms): :data:`SIGHTING_MEMORY_MS`
+    after it was learnt, or after an observation it names was last left out."""
     unsaved: dict[str, int] = field(default_factory=dict)
     """Those of :attr:`sightings` learnt or renewed since the last :meth:`take_unsaved`: to be written to the sink's
     index (:func:`save_sightings`) before the offsets of the batch that taught them are committed."""
@@ -274,8 +276,8 @@ class Forgotten:
 
     def note_sighting(self, route: Route, record: dict[str, Any], now_ms: int) -> bool:
         """Whether ``record``, an alert or decision of ``route`` (:data:`SIGHTING_LINKS`), names a forgotten subject's
-        matched sighting that the forget reaches (not one of a new entry): its image ref and transaction id are
-        remembered, and those not known yet listed for :meth:`take_learnt`."""
+        matched sighting that the forget reaches (not one of a new entry): its image ref, transaction id and
+        observation id are remembered, and those not known yet listed for :meth:`take_learnt`."""
         link = SIGHTING_SOURCES.get(route.kind)
         subject = record.get(link[0]) if link is not None else None
         if link is None or not isinstance(subject, str) or subject not in self.forgotten_at:
@@ -489,13 +491,16 @@ def _erase_route(
 
 
 SIGHTING_LINKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("alerts", "subject_id", ("snapshot_ref", "transaction_id")),
+    ("alerts", "subject_id", ("snapshot_ref", "transaction_id", "observation_id")),
     ("transactions", "face_subject_id", ("transaction_id",)),
 )
 """Where the scoring job recorded its watch-list matches: ``(index kind, subject field, fields that name the matched
-face observation)``. An alert of the subject shows the matched observation's image (``snapshot_ref`` = its
-``image_ref``) and, at a checkout, its transaction; a decided transaction names the subject its face matched."""
-SIGHTING_FIELDS = {"snapshot_ref": "image_ref", "transaction_id": "transaction_id"}
+face observation)``. An alert of the subject names the matched observation (``observation_id``, Alert v6), shows its
+image (``snapshot_ref`` = its ``image_ref``) and, at a checkout, its transaction; a decided transaction names the
+subject its face matched. Before ``observation_id``, an entrance or lane-view sighting whose snapshot could not be
+stored (no image ref, no transaction) had nothing naming it, and stayed indexed until its retention; an alert written
+before v6 still names its sighting by image ref only."""
+SIGHTING_FIELDS = {"snapshot_ref": "image_ref", "transaction_id": "transaction_id", "observation_id": "observation_id"}
 """A link's field -> the face observation's field holding the same value."""
 SIGHTING_SOURCES = {kind: (subject_field, fields) for kind, subject_field, fields in SIGHTING_LINKS}
 """Index kind -> (its subject field, the fields that name the matched face observation)."""
@@ -505,10 +510,11 @@ def matched_sightings(
     client: OpenSearch, index_prefix: str, forgets: Sequence[Forget], lifted: Mapping[str, int] | None = None
 ) -> dict[str, list[str]]:
     """The face observations the scoring job matched to the subjects of ``forgets``, as values of their fields
-    (``image_ref``, ``transaction_id``). With the local backend (the default) the face stage reports every usable face
-    ``NO_MATCH`` without a subject and the job searches its watchlist: the observation of a sighting names nobody, so a
-    forget by ``subject_id`` left it, image ref and (``CG_INDICES__INCLUDE_FACE_EMBEDDINGS``) embedding, until the
-    index's retention. A subject enrolled again (``lifted``) is reached only before that enrolment."""
+    (``image_ref``, ``transaction_id``, ``observation_id``). With the local backend (the default) the face stage
+    reports every usable face ``NO_MATCH`` without a subject and the job searches its watchlist: the observation of a
+    sighting names nobody, so a forget by ``subject_id`` left it, image ref and
+    (``CG_INDICES__INCLUDE_FACE_EMBEDDINGS``) embedding, until the index's retention. A subject enrolled again
+    (``lifted``) is reached only before that enrolment."""
     lifted = lifted or {}
     found: dict[str, set[str]] = {name: set() for name in SIGHTING_FIELDS.values()}
     for kind, subject_field, fields in SIGHTING_LINKS:
@@ -546,8 +552,8 @@ SIGHTINGS_INDEX_BODY: dict[str, Any] = {
     "mappings": {"dynamic": "strict", "properties": {"until": {"type": "date", "format": "epoch_millis"}}},
 }
 """The sink's index of :attr:`Forgotten.sightings` (``<prefix>-forgotten_sightings-all``, read alias
-``<prefix>-forgotten_sightings``): one document per :func:`sighting_key` (its id; a digest, no image ref or
-transaction id), with until when it is remembered. Its replica count is the deployment's
+``<prefix>-forgotten_sightings``): one document per :func:`sighting_key` (its id; a digest, no image ref,
+transaction id or observation id), with until when it is remembered. Its replica count is the deployment's
 (:func:`~schemas.indices.with_replicas`), given where it is created."""
 
 

@@ -24,9 +24,9 @@ subject's face observations (its enrolment sale's, and the sightings the job mat
 its alerts and cases, before the
 batch's offsets are committed; every forgotten subject is remembered (``audit`` is read from its start when the
 sink starts), so its faces are never indexed again (:mod:`sinks.opensearch.forget`), and for two days what names the
-sightings the job matched to it (image refs, transactions), whose observations name nobody: one read late is left
-out, or deleted once the alert or decision naming its subject comes. That memory is kept in the sink's own index too
-(``<index_prefix>-forgotten_sightings-all``, digests only), so a restart does not lose it.
+sightings the job matched to it (image refs, transactions, observation ids), whose observations name nobody: one
+read late is left out, or deleted once the alert or decision naming its subject comes. That memory is kept in the
+sink's own index too (``<index_prefix>-forgotten_sightings-all``, digests only), so a restart does not lose it.
 
 Why nothing is lost or doubled: the document ``_id`` is the business key (``transaction_id`` /
 ``alert_id`` / ``observation_id``) with op ``index``, and the period index follows from the record's own
@@ -1495,9 +1495,9 @@ class OpenSearchSink:
         :func:`~sinks.opensearch.forget.load_sightings`: the image refs of entrance and lane-view sightings too, which
         the strip removed from the alerts), and what names the sightings of the subjects forgotten in the last two
         :data:`~sinks.opensearch.forget.SIGHTING_MEMORY_MS` (one for a copy of their observations to be read, one for
-        the job to have matched them before it read the forget), found again in the indices (the transactions of its
-        alerts and of those decided with its face): for a forget made before the sink kept its memory in its index,
-        or one whose write was refused."""
+        the job to have matched them before it read the forget), found again in the indices (the transactions and
+        observation ids of its alerts, and the transactions decided with its face): for a forget made before the sink
+        kept its memory in its index, or one whose write was refused."""
         now = clock.now_ms()
         saved: dict[str, int] = {}
 

@@ -134,7 +134,7 @@ def test_a_face_match_gives_the_threshold_it_was_taken_at_in_every_format_and_an
     body = io.BytesIO()
     fastavro.schemaless_writer(body, v5.parsed, {**local, "match_threshold": None, "transaction_kind": "SALE"})
     older = codec("Alert").decode(MAGIC + v5.fingerprint + body.getvalue())
-    assert older["match_threshold"] is None
+    assert older["match_threshold"] is None and older["observation_id"] is None
     assert dict(describe(older, AlertSettings()).lines)["Face match"] == "68.8% similar to suspect subj-tx-1"
     assert "threshold" not in json.dumps(case_card(older, AlertSettings()))
 

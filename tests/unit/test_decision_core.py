@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from infra.settings import JobSettings, Settings
 from jobs.scoring.claims import CLAIMS
 from jobs.scoring.core import LEGACY_BATCH, ControlUpdate, DecisionCore, SourceRecord, Step
-from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING, unavailable
-from jobs.scoring.rules import DEFAULT_RULESET, ModelResult, RuleSet, update_record
+from jobs.scoring.face_join import DECIDED, EARLY_FACES, PENDING, matched_observation, unavailable
+from jobs.scoring.rules import DEFAULT_RULESET, FaceResult, ModelResult, RuleSet, update_record
 from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Predictor, Scorer
 from jobs.scoring.watchlist import Watchlist
 from schemas.codec import codec
@@ -430,6 +430,33 @@ def test_the_alerts_of_a_match_give_the_threshold_it_was_taken_at_on_its_engines
         ("WATCHLIST_MATCH", "rekognition", faces.rekognition_match_threshold),
         ("SUSPECT_ENTERED", "local", faces.match_threshold),
     ]
+
+
+def test_the_alerts_of_a_match_name_the_face_observation_it_was_made_on_with_or_without_a_stored_snapshot():
+    """A sighting whose snapshot could not be stored has no image ref, so its alert no ``snapshot_ref``, and an
+    entrance or a lane's live view no transaction: nothing named the observation the job matched, and a forget of its
+    subject left it indexed until its retention. Alert v6 names it (``observation_id``); a face of no match, none."""
+    core = make_core()
+    core.on_control(WATCH_TOPIC, b"subj-9", watch_entry("subj-9", SUSPECT_FACE), 0, 0)
+    checkout = core.on_records([tx_record(sale("t1")), face_record("t1", embedding=SUSPECT_FACE)], NOW)
+    entrance = checkout_face(None, embedding=SUSPECT_FACE, trigger="ENTRANCE", observation_id="entrance:cam:7:2")
+    at_entrance = core.on_records([_face(dataclasses.replace(entrance, image_ref=None), 1)], NOW)
+    core.on_records([tx_record(sale("t2", card="c2"), 2)], NOW)
+    lane_view = dataclasses.replace(checkout_face("t2", embedding=SUSPECT_FACE), snapshot_of_now=True, image_ref=None)
+    at_lane = core.on_records([_face(lane_view, 2)], NOW + 100)
+    steps = (checkout, at_entrance, at_lane)
+    found = [(a["kind"], a["observation_id"], a["snapshot_ref"]) for step in steps for a in alerts(step)]
+    assert found == [
+        ("WATCHLIST_MATCH", "checkout:t1", "checkout/t1.jpg"),
+        ("SUSPECT_ENTERED", "entrance:cam:7:2", None),
+        ("SUSPECT_AT_LANE", "checkout:t2", None),
+    ]
+    # a face the deadline replaced holds its reason where an observation id goes: never taken for one
+    assert matched_observation(FaceResult("UNAVAILABLE"), unavailable("face-deadline", NOW)) is None
+
+
+def _face(obs, offset: int) -> SourceRecord:
+    return SourceRecord(b"Q2MV-store-001-lane-01", obs.encode(), FACES, 1, offset, NOW)
 
 
 def test_a_rekognition_match_of_a_subject_the_watchlist_no_longer_holds_is_no_match():

@@ -1026,3 +1026,68 @@ def test_the_sinks_memory_of_sightings_is_read_while_due_and_deleted_from_its_in
     forgotten = Forgotten()
     forgotten.restore({"b": T0 + 2 * HOUR, "c": T0}, T0 + HOUR)
     assert forgotten.sightings == {"b": T0 + 2 * HOUR} and forgotten.take_unsaved() == {}
+
+
+# --------------------------------------------------------------------------- a sighting whose snapshot was not stored
+
+
+def unstored(observation_id: str, tx: str | None = None) -> FaceObservation:
+    """A sighting's observation whose snapshot could not be stored: no image ref (its face data and embedding still)."""
+    return dataclasses.replace(observation(observation_id, tx=tx), image_ref=None)
+
+
+def sighting_alert(sighting: FaceObservation, at_lane: bool = False) -> Alert:
+    """The job's alert of a matched entrance or lane-view sighting without an image: no snapshot, no transaction, the
+    observation it was matched on (Alert v6), the id the job builds."""
+    seen_as = f"{sighting.observation_id}:now" if at_lane else sighting.observation_id
+    alert = face_alert(f"watchlist:{seen_as}:{SUBJECT}", SUBJECT)
+    kind = "SUSPECT_AT_LANE" if at_lane else "SUSPECT_ENTERED"
+    return dataclasses.replace(alert, kind=kind, snapshot_ref=None, observation_id=sighting.observation_id)
+
+
+ENTRANCE_UNSTORED = unstored("entrance:Q2:9:5:1700000000000")
+LANE_UNSTORED = unstored("checkout:tx-60", tx="tx-60")  # a live view at the lane after sale tx-60: not its buyer
+
+
+def test_a_forget_deletes_a_matched_sighting_whose_snapshot_was_not_stored_by_the_observation_its_alert_names() -> None:
+    """No image ref, and no transaction on its alert (an entrance, a lane's live view): nothing named the sighting
+    once the job matched it, and the forget left its observation indexed (face data, embedding when indexed) until
+    its retention. The alert names the observation now, and keeps naming it after the strip (no face in an id)."""
+    from sinks.opensearch.forget import matched_sightings
+
+    cluster = populated()
+    for sighting in (ENTRANCE_UNSTORED, LANE_UNSTORED):
+        indexed(cluster, sighting, "face_observations")
+    indexed(cluster, sighting_alert(ENTRANCE_UNSTORED), "alerts")
+    indexed(cluster, sighting_alert(LANE_UNSTORED, at_lane=True), "alerts")
+    report = erase_forgotten(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert _faces(cluster) == {"checkout:tx-21", "checkout:tx-22"}
+    assert report.sightings["observation_id"] == ["checkout:tx-60", "entrance:Q2:9:5:1700000000000"]
+    # a restarted sink finds them again in the alerts (_recall_sightings), though the strip took the image refs
+    again = matched_sightings(cluster, PREFIX, [Forget(SUBJECT, SALE)])  # type: ignore[arg-type]
+    assert again["observation_id"] == ["checkout:tx-60", "entrance:Q2:9:5:1700000000000"]
+
+
+def test_a_late_sighting_without_an_image_is_deleted_or_left_out_by_its_alerts_observation_even_after_a_restart() -> (
+    None
+):
+    """After the forget: an observation read before the alert naming its subject is deleted when that comes, one read
+    after it is left out, and so is a copy read after a restart (the sink's memory holds the observation's digest)."""
+    cluster = FakeCluster()
+    wrapped = _Sink(cluster)
+    wrapped.sink._process([Message(topic=AUDIT.full_name(""), partition=0, offset=3, value=audit())])
+    wrapped.sink._process(_messages("face_observations", [ENTRANCE_UNSTORED]))
+    assert _faces(cluster) == {ENTRANCE_UNSTORED.observation_id}  # nothing names it yet
+    alerts = [sighting_alert(ENTRANCE_UNSTORED), sighting_alert(LANE_UNSTORED, at_lane=True)]
+    wrapped.sink._process(_messages("alerts", alerts))
+    assert _faces(cluster) == set()
+    wrapped.sink._process(_messages("face_observations", [LANE_UNSTORED], first_offset=40))
+    assert _faces(cluster) == set() and wrapped.sink.stats.forgotten_on_write == 1
+    saved = {doc_id for index, doc_id in cluster.docs if index == "cg-forgotten_sightings-all"}
+    assert sighting_key("observation_id", "checkout:tx-60") in saved and not any(":" in key for key in saved)
+
+    restarted = _Sink(cluster)
+    restarted.sink.forgotten.add(Forget(SUBJECT, SALE, "command:c-1", T0))
+    restarted.sink._recall_sightings()
+    restarted.sink._process(_messages("face_observations", [ENTRANCE_UNSTORED, LANE_UNSTORED], first_offset=60))
+    assert _faces(cluster) == set() and restarted.sink.stats.forgotten_on_write == 2
