@@ -14,11 +14,14 @@ container (ECS/EKS) and instance (EC2 IMDS) roles.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
 from schemas.errors import CheckoutGuardError
+
+T = TypeVar("T")
 
 
 class MissingAwsRegion(CheckoutGuardError, ValueError):
@@ -36,6 +39,20 @@ def call_limit_s(attempts: int, timeout_s: float) -> float:
     each time out after ``timeout_s``: every try timing out twice (connecting, reading) plus the waits between them.
     What a ``/healthz`` limit must outlast, so that a call waiting out its timeouts never gets a process restarted."""
     return attempts * 2 * timeout_s + standard_retry_wait_s(attempts)
+
+
+def given_up_by(call: Callable[[], T], what: str, give_up_by: Callable[[], float | None] | None, whose: str) -> T:
+    """``call()``, one botocore call of ``whose`` (its tries and botocore's waits between them, up to
+    :func:`call_limit_s`, about a minute). With ``give_up_by`` (its owner's stop deadline once the stop is asked, None
+    before: the watchlist service's) from a daemon thread, given up at that deadline, 1 s before the supervisor's
+    SIGKILL (:func:`infra.clients.transactional.bounded`: ``TransactionGivenUp`` naming ``whose`` and ``what``), so the
+    service gives its command up uncommitted instead of being killed in it; unset, waited for here. One rule for every
+    AWS client that has it: Rekognition's calls and the S3 image store's."""
+    if give_up_by is None:
+        return call()
+    from infra.clients.transactional import bounded  # here: it loads the Kafka client
+
+    return bounded(call, what, give_up_by, f"{whose.lower()}-call", whose=whose)
 
 
 def aws_session(

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,11 @@ class ImageStore:
     """Called after each S3 call of the store ends, answered or failed (botocore's tries and waits done; the local
     store's file operations call nothing): the watchlist service beats its ``/healthz`` there, so a command of several
     S3 calls, each bounded by :func:`call_limit_s`, is not taken for a hang."""
+    give_up_by: Callable[[], float | None] | None = None
+    """Once its owner's stop is asked, when an S3 call still under way is given up (the watchlist service's exit
+    deadline, ``StopRequest.exit_by``; None before the stop), as its Rekognition calls are
+    (:func:`infra.clients.aws.given_up_by`); unset (the face stage, the alert sender, the bot, the dashboard), each call
+    is waited for. The local store's file operations are not given up."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageStore:
@@ -375,6 +380,32 @@ class S3ImageStore(ImageStore):
         if self.progress is not None:
             self.progress()
 
+    def _call(self, op: str, call: Callable[[], Any]) -> Any:
+        """``call()``, the S3 call ``op``, which every request of this store makes (but :meth:`ensure_buckets`, for
+        test and embedded setups): with :attr:`give_up_by`, given up at its owner's stop deadline
+        (``TransactionGivenUp``), as a Rekognition call is. Before, one call under way at a stop (up to
+        :func:`call_limit_s`, 62 s) ran on past the supervisor's SIGKILL, which killed the watchlist service
+        mid-command instead of the command being given up uncommitted and read again."""
+        return aws.given_up_by(call, f"its {op}", self.give_up_by, "S3")
+
+    def _objects(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix`` of ``bucket``, one ListObjectsV2 call a page, each through :meth:`_call` (a
+        botocore paginator's would not be)."""
+        token: str | None = None
+        while True:
+            page = self._page(bucket, prefix, token)
+            yield from page.get("Contents", [])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _page(self, bucket: str, prefix: str, token: str | None) -> dict[str, Any]:
+        extra = {"ContinuationToken": token} if token else {}
+        page: dict[str, Any] = self._call(
+            "list_objects_v2", lambda: self.s3.list_objects_v2(Bucket=bucket, Prefix=prefix, **extra)
+        )
+        return page
+
     def holds(self, ref: str) -> bool:
         return isinstance(ref, str) and ref.startswith("s3://") and ref[5:].partition("/")[0] in self.allowed_buckets
 
@@ -406,7 +437,11 @@ class S3ImageStore(ImageStore):
         key = safe_key(key)
         _check(kind, key)
         bucket = self.buckets[kind]
-        self.s3.put_object(Bucket=bucket, Key=f"{kind}/{key}", Body=data, ServerSideEncryption="AES256")
+        obj = f"{kind}/{key}"
+        self._call(
+            "put_object",
+            lambda: self.s3.put_object(Bucket=bucket, Key=obj, Body=data, ServerSideEncryption="AES256"),
+        )
         return f"s3://{bucket}/{kind}/{key}"
 
     def get(self, ref: str) -> bytes:
@@ -417,7 +452,8 @@ class S3ImageStore(ImageStore):
 
         bucket, obj, _ = self._split(ref)
         try:
-            return self.s3.get_object(Bucket=bucket, Key=obj)["Body"].read()
+            data: bytes = self._call("get_object", lambda: self.s3.get_object(Bucket=bucket, Key=obj)["Body"].read())
+            return data
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
                 raise FileNotFoundError(f"no image at {ref}") from None
@@ -430,7 +466,7 @@ class S3ImageStore(ImageStore):
         _check(kind, key)
         bucket = self.buckets[kind]
         try:
-            self.s3.head_object(Bucket=bucket, Key=f"{kind}/{key}")
+            self._call("head_object", lambda: self.s3.head_object(Bucket=bucket, Key=f"{kind}/{key}"))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
                 self._check_bucket(bucket)
@@ -445,7 +481,7 @@ class S3ImageStore(ImageStore):
         from botocore.exceptions import ClientError
 
         try:
-            self.s3.head_bucket(Bucket=bucket)
+            self._call("head_bucket", lambda: self.s3.head_bucket(Bucket=bucket))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
                 if bucket in self.settings_of:  # the current store's: a setting of its own to fix
@@ -460,7 +496,10 @@ class S3ImageStore(ImageStore):
 
     def delete(self, ref: str) -> None:
         bucket, obj, _ = self._split(ref)
-        self.s3.delete_object(Bucket=bucket, Key=obj)
+        self._delete(bucket, obj)
+
+    def _delete(self, bucket: str, obj: str) -> None:
+        self._call("delete_object", lambda: self.s3.delete_object(Bucket=bucket, Key=obj))
 
     def retain(self, ref: str, reason: str) -> None:
         bucket, obj, _ = self._split(ref)
@@ -468,7 +507,10 @@ class S3ImageStore(ImageStore):
 
         tag = re.sub(r"[^A-Za-z0-9 _.:/=+@-]", "_", reason)[:256] or "retained"
         try:
-            self.s3.put_object_tagging(Bucket=bucket, Key=obj, Tagging={"TagSet": [{"Key": "retained", "Value": tag}]})
+            tagging = {"TagSet": [{"Key": "retained", "Value": tag}]}
+            self._call(
+                "put_object_tagging", lambda: self.s3.put_object_tagging(Bucket=bucket, Key=obj, Tagging=tagging)
+            )
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING_OBJECT_CODES:
                 raise FileNotFoundError(f"no image at {ref}") from None
@@ -479,15 +521,13 @@ class S3ImageStore(ImageStore):
         n = 0
         for kind in PURGEABLE:
             bucket = self.buckets[kind]
-            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{kind}/"):
-                for obj in page.get("Contents", []):
-                    if obj["LastModified"] >= cutoff or f"s3://{bucket}/{obj['Key']}" in keep:
-                        continue
-                    tags = self.s3.get_object_tagging(Bucket=bucket, Key=obj["Key"]).get("TagSet", [])
-                    if any(t["Key"] == "retained" for t in tags):
-                        continue
-                    self.s3.delete_object(Bucket=bucket, Key=obj["Key"])
-                    n += 1
+            for obj in self._objects(bucket, f"{kind}/"):
+                if obj["LastModified"] >= cutoff or f"s3://{bucket}/{obj['Key']}" in keep:
+                    continue
+                if self._tag(bucket, obj["Key"]) is not None:
+                    continue
+                self._delete(bucket, obj["Key"])
+                n += 1
         return n
 
     def purge_retained(self, older_than_ms: int) -> int:
@@ -495,7 +535,7 @@ class S3ImageStore(ImageStore):
         n = 0
         for bucket, obj, _, modified in self._retained():
             if modified < cutoff:
-                self.s3.delete_object(Bucket=bucket, Key=obj)
+                self._delete(bucket, obj)
                 n += 1
         return n
 
@@ -507,13 +547,15 @@ class S3ImageStore(ImageStore):
         out = []
         for kind in PURGEABLE:
             bucket = self.buckets[kind]
-            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{kind}/"):
-                for obj in page.get("Contents", []):
-                    tags = self.s3.get_object_tagging(Bucket=bucket, Key=obj["Key"]).get("TagSet", [])
-                    reason = next((t["Value"] for t in tags if t["Key"] == "retained"), None)
-                    if reason is not None:
-                        out.append((bucket, obj["Key"], reason, obj["LastModified"]))
+            for obj in self._objects(bucket, f"{kind}/"):
+                if (reason := self._tag(bucket, obj["Key"])) is not None:
+                    out.append((bucket, obj["Key"], reason, obj["LastModified"]))
         return out
+
+    def _tag(self, bucket: str, obj: str) -> str | None:
+        """The ``retained`` tag's reason of object ``obj``; None when it has none."""
+        got = self._call("get_object_tagging", lambda: self.s3.get_object_tagging(Bucket=bucket, Key=obj))
+        return next((t["Value"] for t in got.get("TagSet", []) if t["Key"] == "retained"), None)
 
 
 def store_holding(ref: str, settings: Settings, current: ImageStore) -> ImageStore:

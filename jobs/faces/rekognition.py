@@ -222,17 +222,12 @@ class RekognitionFaces:
 
     def _request(self, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The client's ``op``; with :attr:`give_up_by`, from a daemon thread waited for until it ends or, once the
-        stop is asked, until that deadline (:func:`infra.clients.transactional.bounded`), then
+        stop is asked, until that deadline (:func:`infra.clients.aws.given_up_by`, as the S3 image store's), then
         :class:`~infra.clients.transactional.TransactionGivenUp`: botocore's tries and its waits between them (up to
         :func:`call_limit_s`, about a minute) ran on past the supervisor's SIGKILL, which cut the command short instead
         of the service giving it up, uncommitted, and closing."""
         request = functools.partial(getattr(self.client, op), **kwargs)
-        if self.give_up_by is None:
-            resp: dict[str, Any] = request()
-            return resp
-        from infra.clients.transactional import bounded
-
-        resp = bounded(request, f"its {op}", self.give_up_by, "rekognition-call", whose="Rekognition")
+        resp: dict[str, Any] = aws.given_up_by(request, f"its {op}", self.give_up_by, "Rekognition")
         return resp
 
     def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:

@@ -217,6 +217,8 @@ class WatchlistCore:
         self.progress: Callable[[], None] | None = None
         """Called after each S3 call of any store this core uses ends (:attr:`ImageStore.progress`): the service beats
         its ``/healthz`` there (:meth:`WatchlistService._watch_image_stores`)."""
+        self.give_up_by: Callable[[], float | None] | None = None
+        """The :attr:`ImageStore.give_up_by` of every store this core uses, set by :meth:`give_up_store_calls_by`."""
         if store is None:
             store = ImageStore.from_settings(settings)
             self._owned.append(store)
@@ -246,9 +248,18 @@ class WatchlistCore:
     def _watched(self, store: ImageStore) -> ImageStore:
         """``store``, its calls' ends told to :attr:`progress` (whenever that is set): each of the stores a command may
         reach (the current one, a former bucket, the one a ref names), so that several slow S3 calls in one command
-        are each progress, not together a hang."""
+        are each progress, not together a hang. Its calls are given up as :attr:`give_up_by` says."""
         store.progress = self._call_ended
+        store.give_up_by = self.give_up_by
         return store
+
+    def give_up_store_calls_by(self, exit_by: Callable[[], float | None]) -> None:
+        """Give up an S3 call of any store this core uses (those it reaches later too) that is still under way at
+        ``exit_by()``, the stop's deadline once the stop is asked (:attr:`ImageStore.give_up_by`): raised as
+        ``TransactionGivenUp``, its command is not committed and is read again at the next start."""
+        self.give_up_by = exit_by
+        for store in (self.store, *self.other_stores, *(self._former or ())):
+            store.give_up_by = exit_by
 
     def _call_ended(self) -> None:
         if self.progress is not None:
@@ -490,6 +501,8 @@ class WatchlistCore:
         try:  # where the ref says: a snapshot taken before a switch of the image store or its bucket is still there
             store = self.store_of(alert.snapshot_ref)
             store.retain(alert.snapshot_ref, retain_reason(alert.alert_id, alert.subject_id))
+        except transactional.TransactionGivenUp:  # at the stop: the alert is read again at the next start
+            raise
         except Exception as exc:  # noqa: BLE001 - no ref of ours, its store not here, the image gone, or S3 failing
             if store_outage(exc):  # before OSError: a botocore timeout is one
                 why = f"retaining the snapshot of alert {alert.alert_id}: {type(exc).__name__}"
@@ -531,6 +544,8 @@ class WatchlistCore:
                     details={"image_ref": ref, "alert_id": alert.alert_id},
                 )
             ]
+        except transactional.TransactionGivenUp:  # at the stop: the alert is read again at the next start
+            raise
         except Exception as exc:  # noqa: BLE001 - a ref of no store (nothing of ours to delete), or S3 failing
             if store_outage(exc):  # before OSError: a botocore timeout is one
                 raise StoreAway(f"deleting the snapshot of alert {alert.alert_id}: {type(exc).__name__}", ref) from None
@@ -570,6 +585,8 @@ class WatchlistCore:
             try:
                 deleted += store.purge(cutoff, keep)
                 released += store.purge_retained(alert_cutoff)
+            except transactional.TransactionGivenUp:  # at the stop: swept at the next start
+                raise
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the other stores are swept, this one next time
                 self._purge_failed(store, exc)
                 not_swept.append(store.where())
@@ -684,6 +701,8 @@ class WatchlistCore:
         for store in self.former():
             try:
                 snapshot = store.find("checkout", key)
+            except transactional.TransactionGivenUp:  # at the stop: the command is read again
+                raise
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the snapshot may be there, or in the next one
                 log.warning("looking for sale %s in %s failed (%s)", tx, store.where(), type(exc).__name__)
                 unsearched.append(f"{store.where()} ({type(exc).__name__})")
@@ -703,6 +722,8 @@ class WatchlistCore:
         reason. Its own failure does not replace the enrolment's (the audit and dead letter name the cause)."""
         try:
             self.store.delete(reference)
+        except transactional.TransactionGivenUp:  # at the stop: the command is read again
+            raise
         except Exception as exc:  # noqa: BLE001 - S3 or disk: a forget finds it under the subject's key
             log.warning(
                 "the reference image of %s written for a failed enrolment was not deleted (%s)",
@@ -741,10 +762,14 @@ class WatchlistCore:
         entry names it, and it would stay a second biometric image of the subject. The audit says what is left."""
         try:
             store.delete(ref)
+        except transactional.TransactionGivenUp:  # at the stop: the command is read again
+            raise
         except Exception as exc:  # noqa: BLE001 - S3 or disk
             why = f"the former reference image {ref} was not deleted from {store.where()} ({type(exc).__name__})"
             try:
                 self.store.delete(replacement)
+            except transactional.TransactionGivenUp:
+                raise
             except Exception as again:  # noqa: BLE001 - the same outage: a forget finds it under the subject's key
                 left = f"the new one {replacement} was not deleted either ({type(again).__name__}) and stays"
             else:
@@ -886,6 +911,8 @@ class WatchlistCore:
                     raise Failed("missing_image", "the reference image ref names no image store") from None
                 try:
                     face = self.engine.best_face(store.get(entry.reference_image_ref))
+                except transactional.TransactionGivenUp:  # at the stop: enrolled again at the next start
+                    raise
                 except Exception as exc:  # noqa: BLE001 - S3 or network: gone for good, or retried next sweep
                     if (failed := self._reference_unreadable(exc)) is None:
                         why = _s3_code(exc) or type(exc).__name__
@@ -983,6 +1010,8 @@ class WatchlistCore:
         for ref, store in images:
             try:
                 store.delete(ref)
+            except transactional.TransactionGivenUp:  # at the stop: the forget is read again, not failed
+                raise
             except Exception as exc:  # noqa: BLE001 - S3 or disk: the image stays, so the forget is not done
                 left = self._left_after(removed, [r for r, _ in images[len(removed) :]], current is not None)
                 raise Failed(
@@ -1055,14 +1084,10 @@ class WatchlistCore:
         )
         for store in [self.store, *self.former()]:
             try:
-                if reference := store.find("reference", subject):
-                    found.setdefault(reference, store)
-                for key in keys:
-                    if snapshot := store.find("checkout", key):
-                        found.setdefault(snapshot, store)
-                for ref, reason in store.retained().items():
-                    if retained_subject(reason) == subject:
-                        found.setdefault(ref, store)
+                for ref in self._images_in(store, subject, keys):
+                    found.setdefault(ref, store)
+            except transactional.TransactionGivenUp:  # at the stop: the forget is read again, not failed
+                raise
             except Exception as exc:  # noqa: BLE001 - S3 or disk: an image may be there, so nothing is deleted
                 if missing := missing_bucket(exc, store):
                     raise Failed(
@@ -1074,6 +1099,14 @@ class WatchlistCore:
                     "nothing deleted, issue the command again",
                 ) from None
         return list(found.items())
+
+    @staticmethod
+    def _images_in(store: ImageStore, subject: str, keys: tuple[str, ...]) -> list[str]:
+        """The refs of ``subject``'s images in ``store``: its reference image under its key, the snapshots under
+        ``keys``, and the alert snapshots retained for it."""
+        found = [store.find("reference", subject), *(store.find("checkout", key) for key in keys)]
+        retained = [ref for ref, reason in store.retained().items() if retained_subject(reason) == subject]
+        return [ref for ref in found if ref] + retained
 
     # --- records -----------------------------------------------------------------------------------
     def _audit(self, **fields: Any) -> Out:
@@ -1162,8 +1195,11 @@ class WatchlistService:
         """Beat ``/healthz`` after each S3 call of the image stores that ends, answered or failed, as after each
         Rekognition call: ``/healthz``'s limit outlasts one call (:func:`health_limit_s`), and before, a command of
         several slow ones (a ``forget`` searching the current and former buckets, deleting and untagging) outlasted it
-        together and the supervisor restarted a service only waiting for S3."""
+        together and the supervisor restarted a service only waiting for S3. Once the stop is asked, a call under way
+        is given up at the stop's deadline as a Rekognition call is (:meth:`WatchlistCore.give_up_store_calls_by`):
+        one call (up to 62 s by default) ran on past the supervisor's SIGKILL, which killed the service mid-command."""
         self.core.progress = self._aws_call_ended
+        self.core.give_up_store_calls_by(self._exit_by)
 
     def _aws_call_ended(self) -> None:
         """Progress, saying what ``/readyz`` says meanwhile (the collection not created yet, the image store away)."""

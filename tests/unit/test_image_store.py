@@ -336,3 +336,53 @@ def test_each_s3_try_of_the_image_store_is_bounded_by_its_setting_not_botocores_
     assert (config.connect_timeout, config.read_timeout) == (2.5, 2.5)
     assert config.retries == {"mode": "standard", "total_max_attempts": 4}
     assert FaceSettings().image_store_timeout_s == 5.0
+
+
+def test_an_s3_call_under_way_at_its_owners_stop_is_given_up_by_the_stops_deadline_and_waited_for_without_one(
+    tmp_path,
+) -> None:
+    """The watchlist service gave its Rekognition calls up at the stop's deadline, not its S3 calls: one of up to 62 s
+    ran on past the supervisor's SIGKILL. With ``give_up_by`` set every S3 call of the store (the purge's listing
+    pages among them) is given up by that deadline, as a Rekognition call is; unset, each is waited for."""
+    import threading
+    from datetime import UTC, datetime
+
+    from infra.clients.transactional import TransactionGivenUp
+
+    released = threading.Event()
+    then = datetime(2026, 1, 1, tzinfo=UTC)
+    first = {"Contents": [{"Key": "checkout/tx-1", "LastModified": then}], "IsTruncated": True}
+    pages = {None: {**first, "NextContinuationToken": "p2"}}
+    pages["p2"] = {"Contents": [{"Key": "checkout/tx-2", "LastModified": then}], "IsTruncated": False}
+    listed: list[tuple[object, object]] = []
+
+    class S3:
+        def list_objects_v2(self, **kwargs: object) -> dict:
+            listed.append((kwargs["Prefix"], kwargs.get("ContinuationToken")))
+            return pages[kwargs.get("ContinuationToken")] if kwargs["Prefix"] == "checkout/" else {}  # type: ignore[index]
+
+        def get_object_tagging(self, **_kwargs: object) -> dict:
+            return {"TagSet": [{"Key": "retained", "Value": "alert=a-1"}]}
+
+        def delete_object(self, **_kwargs: object) -> dict:
+            released.wait(4.0)  # S3 does not answer (botocore's tries and waits: up to 62 s)
+            return {}
+
+    faces = FaceSettings(image_store="s3", aws_endpoint_url="http://127.0.0.1:9")
+    store = S3ImageStore(Settings(stack_dir=tmp_path, faces=faces))
+    store.s3 = S3()
+    bucket = faces.checkout_bucket
+    assert set(store.retained()) == {f"s3://{bucket}/checkout/tx-1", f"s3://{bucket}/checkout/tx-2"}
+    assert listed == [("checkout/", None), ("checkout/", "p2"), ("entrance/", None)], "every page is read"
+    asked_at = time.monotonic()
+    store.give_up_by = lambda: asked_at + 0.3  # the stop asked: its deadline
+    try:
+        with pytest.raises(TransactionGivenUp, match="S3 did not finish its delete_object"):
+            store.delete(f"s3://{bucket}/checkout/tx-1")
+        took = time.monotonic() - asked_at
+        assert took < 1.0, f"given up after {took:.1f} s, past the stop's deadline"
+        store.give_up_by = None
+        released.set()
+        store.delete(f"s3://{bucket}/checkout/tx-1")  # no stop: waited for
+    finally:
+        released.set()

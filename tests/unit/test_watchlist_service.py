@@ -583,6 +583,104 @@ def test_a_rekognition_call_given_up_at_the_stop_is_raised_not_audited_as_a_fail
     assert "subj-tx-5" in core.records, "still enrolled: the forget and the expiry are carried out again"
 
 
+class _GivingUpStore(LocalImageStore):
+    """A local store whose calls named in ``given_up`` are given up at the stop, as an S3 call under way then is."""
+
+    given_up: frozenset[str] = frozenset()
+
+    def _maybe_given_up(self, call: str) -> None:
+        from infra.clients.transactional import TransactionGivenUp
+
+        if call in self.given_up:
+            raise TransactionGivenUp(f"S3 did not finish its {call} before the supervisor's stop timeout")
+
+    def find(self, kind: str, key: str) -> str | None:
+        self._maybe_given_up("find")
+        return super().find(kind, key)
+
+    def get(self, ref: str) -> bytes:
+        self._maybe_given_up("get")
+        return super().get(ref)
+
+    def delete(self, ref: str) -> None:
+        self._maybe_given_up("delete")
+        super().delete(ref)
+
+    def retain(self, ref: str, reason: str) -> None:
+        self._maybe_given_up("retain")
+        super().retain(ref, reason)
+
+    def purge(self, older_than_ms: int, keep: frozenset[str] = frozenset()) -> int:
+        self._maybe_given_up("purge")
+        return super().purge(older_than_ms, keep)
+
+
+def _forget(core: WatchlistCore) -> object:
+    enrol(core, "subj-tx-1")
+    return core.on_command(command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com"), NOW)
+
+
+def _retain(core: WatchlistCore) -> object:
+    enrol(core, "subj-tx-1")
+    ref = core.store.put("checkout", "tx-9", b"the subject at a lane")
+    return core.on_alert(Source("alerts", 0, 0, b"a-1", sighting("subj-tx-1", ref).encode()), NOW)
+
+
+def _drop_forgottens_snapshot(core: WatchlistCore) -> object:
+    ref = core.store.put("checkout", "tx-9", b"the subject at a lane")
+    return core.on_alert(Source("alerts", 0, 0, b"a-1", sighting("subj-tx-1", ref).encode()), NOW)
+
+
+def _change_category(core: WatchlistCore) -> object:
+    former = core.store.put("reference", "an-earlier-key", b"reference photo")
+    entry = WatchlistEntry("subj-tx-1", "SUSPECT", [[0.1] * 4], "r", "x", NOW, former, "tx-1")
+    core.load(b"subj-tx-1", entry.encode())
+    core.store.put("checkout", "tx-1", blank_jpeg())
+    return core.on_command(command("VIP", "tx-1"), NOW)
+
+
+def _enrol_refused_by_rekognition(core: WatchlistCore) -> object:
+    from jobs.faces.rekognition import RekognitionError
+
+    core.rekognition = _FailingRekognition(RekognitionError("ValidationException", "no", False))  # type: ignore[assignment]
+    core.store.put("checkout", "tx-1", blank_jpeg())
+    return core.on_command(command("FRAUD", "tx-1"), NOW)
+
+
+def _reembed(core: WatchlistCore) -> object:
+    ref = core.store.put("reference", "subj-tx-1", b"reference photo")
+    core.load(b"subj-tx-1", WatchlistEntry("subj-tx-1", "SUSPECT", [[0.1] * 4], "r", "x", NOW, ref, "tx-1").encode())
+    return core.purge(NOW)
+
+
+@pytest.mark.parametrize(
+    ("given_up", "act"),
+    [
+        ("find", _forget),  # looking for the subject's images
+        ("delete", _forget),  # deleting them
+        ("retain", _retain),  # an alert's snapshot
+        ("delete", _drop_forgottens_snapshot),  # an alert's snapshot of a forgotten subject
+        ("delete", _change_category),  # the former reference image of a subject enrolled again
+        ("delete", _enrol_refused_by_rekognition),  # the reference image of an enrolment that failed
+        ("purge", lambda core: core.purge(NOW)),  # the retention sweep
+        ("get", _reembed),  # the reference image of an entry of another embedder
+    ],
+)
+def test_an_image_store_call_given_up_at_the_stop_is_raised_never_audited_or_swept_past(tmp_path, given_up, act):
+    """An S3 call under way at a stop is given up at the stop's deadline (``TransactionGivenUp``) as a Rekognition call
+    is, so that its command, alert or sweep is not committed and the next start does it again. Caught as any store
+    error, it was audited ``FAILED`` and dead-lettered (done for: issue it again), or the sweep went on to the next
+    store and published what it had."""
+    from infra.clients.transactional import TransactionGivenUp
+
+    webex = WebexSettings(command_signing_key=SecretStr(KEY), allowed_people=ALLOWED)
+    store = _GivingUpStore(tmp_path / "images")
+    core = WatchlistCore(Settings(stack_dir=tmp_path, webex=webex), engine=_Engine(), store=store)  # type: ignore[arg-type]
+    store.given_up = frozenset({given_up})
+    with pytest.raises(TransactionGivenUp):
+        act(core)
+
+
 def test_any_other_failure_of_a_command_is_audited_and_dead_lettered_not_raised(tmp_path):
     class BrokenStore(LocalImageStore):
         def find(self, kind: str, key: str) -> str | None:

@@ -780,6 +780,81 @@ def test_a_rekognition_call_under_way_at_a_stop_is_given_up_by_the_stops_deadlin
     assert any(r.levelname == "WARNING" and "Rekognition did not finish" in r.getMessage() for r in caplog.records)
 
 
+def test_an_s3_call_under_way_at_a_stop_is_given_up_by_the_stops_deadline_its_command_uncommitted(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came while a ``forget``'s S3 call (looking for the subject's reference image) waited on S3: 4 tries of
+    5 s connect and 5 s read and botocore's waits between, up to 62 s, and only Rekognition's calls were given up at
+    the stop, so the supervisor's SIGKILL cut the service short mid-command. The S3 call is now given up as a
+    Rekognition call is, 1 s before the SIGKILL: nothing is published, and the command's offset is not committed."""
+    import threading
+    import time
+
+    from pydantic import SecretStr
+
+    from infra.clients.image_store import S3ImageStore
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+    from tests.unit.test_watchlist_service import ALLOWED, KEY, NOW, command
+
+    released = threading.Event()
+    stopped_at: list[float] = []
+
+    class HangingS3:
+        def head_object(self, **_kwargs: Any) -> dict:
+            stopped_at.append(time.monotonic())
+            svc.stop()  # SIGTERM arrives while the call waits on S3 ...
+            released.wait(4.0)  # ... which does not answer (botocore's tries and waits)
+            return {}
+
+        def __getattr__(self, _op: str) -> Any:
+            return lambda **_kwargs: {}  # every other call answers at once: nothing there
+
+    class Producer(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            pass
+
+        def produce(self, topic: str, key: bytes, value: bytes | None, **_headers: Any) -> None:
+            super().produce(topic, key, value)
+
+        def poll(self, timeout: float) -> int:
+            return 0
+
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+        faces={"image_store": "s3", "aws_endpoint_url": "http://127.0.0.1:9"},
+        webex={"command_signing_key": SecretStr(KEY), "allowed_people": ALLOWED},
+    )
+    store = S3ImageStore(settings)
+    store.s3 = HangingS3()
+    core = WatchlistCore(settings, engine=object(), store=store)  # type: ignore[arg-type]  # forget needs no engine
+    producer = Producer([])
+    svc = service(producer)
+    svc.settings = settings
+    svc.consumer = _OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    forget = command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com")
+    svc.topics = {"commands": lambda _src, _now: core.on_command(forget, NOW)}
+    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
+    svc._watch_rekognition()
+    svc._watch_image_stores()
+    try:
+        with caplog.at_level("WARNING"):
+            svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        released.set()  # the hung call ends now
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert producer.calls == [] and svc.consumer.commits == [], "a command given up was published or committed"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("S3 did not finish its head_object" in message for message in warned), warned
+
+
 @pytest.mark.parametrize("failing", ["commit", "close"])
 def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_input_uncommitted(
     failing: str, caplog: pytest.LogCaptureFixture
