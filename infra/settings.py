@@ -631,7 +631,8 @@ class FaceSettings(BaseModel, frozen=True):
     Rekognition that does not answer costs a snapshot's SearchFacesByImage ~4 x this (at most 8 x this + 22 s of
     waits between tries, ``jobs.faces.rekognition.call_limit_s``), then its observation is
     ``UNAVAILABLE`` (the match was not made) and the stage goes on; the watchlist service's calls (CreateCollection,
-    IndexFaces, ListFaces, DeleteFaces) time out the same, within its ``/healthz`` limit."""
+    IndexFaces, ListFaces, DeleteFaces) time out the same, within its ``/healthz`` limit. The face stage's stall limit
+    outlasts a snapshot's searches, one call per usable face, 4 at most (``jobs.faces.rekognition.search_limit_s``)."""
     retention_purge_interval_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     """How often the watchlist service runs the snapshot retention purge."""
     service_group: str = "checkout-guard-watchlist"

@@ -356,6 +356,13 @@ MAX_SEARCHED_FACES = 4
 """Usable faces of one snapshot searched at most (largest first): one SearchFacesByImage call each."""
 
 
+def search_limit_s(timeout_s: float) -> float:
+    """The longest :func:`search_faces` of one snapshot takes when each try's connect and read time out after
+    ``timeout_s``: :data:`MAX_SEARCHED_FACES` calls of :func:`call_limit_s` each (a call answered at its last try is no
+    failure, so the next face is searched after it)."""
+    return MAX_SEARCHED_FACES * call_limit_s(timeout_s)
+
+
 def face_crop(image: bytes, box: tuple[int, int, int, int], scale: float = 1.0) -> bytes:
     """JPEG bytes of the face at ``box`` (pixels of the analysed image, ``scale`` analysed pixels per original
     pixel, as :class:`jobs.faces.engine.DetectedFace` gives them) with :data:`CROP_MARGIN` around it. The crop

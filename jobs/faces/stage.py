@@ -92,7 +92,7 @@ from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import DaemonPool, StopRequest, done_by, exit_deadline, stop_asked_at, stop_on_signals, time_left
 from infra.retry import Backoff
 from infra.settings import Settings, face_deadline_problem, get_settings
-from jobs.faces.rekognition import call_limit_s
+from jobs.faces.rekognition import search_limit_s
 from jobs.scoring.validation import check_event_time, check_size, parse_transaction
 from schemas.codec import DecodeError, Projection, codec
 from schemas.errors import FACE_STAGE_ERROR, InvalidRecord
@@ -139,24 +139,26 @@ def inspection_image_key(transaction_id: str, of_the_sale: bool = True) -> str:
 
 
 STALL_MARGIN_S = 30.0
-"""Beyond a trigger's snapshot, S3 write and Rekognition search: the local image store's write, the wait for the
+"""Beyond a trigger's snapshot, S3 write and Rekognition searches: the local image store's write, the wait for the
 analysis worker and the analysis itself (about 1 s an image)."""
 
 
 def stall_limit_s(settings: Settings) -> float:
     """How long triggers may be in flight with none finished before the stage counts as hung (``/healthz`` stale): the
     longest one trigger may take, i.e. its snapshot (``CG_CAMERAS__DEADLINE_S``, every retry included), with the S3
-    image store its write (:func:`infra.clients.image_store.call_limit_s`), with the Rekognition backend its search
-    (:func:`jobs.faces.rekognition.call_limit_s`), each call's tries timing out connecting and reading plus botocore's
-    waits between them, as the watchlist service's ``/healthz`` counts a call, plus :data:`STALL_MARGIN_S`. Before, the
-    S3 write was left to the margin, and one that did not answer (62 s at the default 5 s a try) took the stage for
-    hung. Any finished trigger is progress, so a slow camera among working ones never trips it."""
+    image store its write (:func:`infra.clients.image_store.call_limit_s`), with the Rekognition backend its searches
+    (:func:`jobs.faces.rekognition.search_limit_s`: one call per usable face, up to
+    :data:`~jobs.faces.rekognition.MAX_SEARCHED_FACES`), each call's tries timing out connecting and reading plus
+    botocore's waits between them, as the watchlist service's ``/healthz`` counts a call, plus :data:`STALL_MARGIN_S`.
+    Before, the S3 write was left to the margin, and one that did not answer (62 s at the default 5 s a try) took the
+    stage for hung; and one search was counted, so a snapshot of several faces whose searches each answered late took
+    it for hung too. Any finished trigger is progress, so a slow camera among working ones never trips it."""
     faces = settings.faces
     limit = settings.cameras.deadline_s + STALL_MARGIN_S
     if faces.image_store == "s3":
         limit += store_call_limit_s(faces.image_store_timeout_s)
     if faces.backend == REKOGNITION_MATCHER:
-        limit += call_limit_s(faces.rekognition_search_timeout_s)
+        limit += search_limit_s(faces.rekognition_search_timeout_s)
     return limit
 
 
