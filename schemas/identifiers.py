@@ -75,12 +75,16 @@ EMAIL_MAX = 254
 IP_TEXT_MAX = 64
 """The longest IP address text: a full IPv6 address (45 characters) with a zone (``%eth0``) fits."""
 IP_LIST_MAX = 16
-"""The most addresses an ``ip_address`` list may hold (the client and the proxies an X-Forwarded-For header names: a
+"""The most elements an ``ip_address`` list may hold (the client and the proxies an X-Forwarded-For header names: a
 real one holds a handful)."""
 IP_LIST_TEXT_MAX = 1024
 """The longest ``ip_address`` list text: 16 IPv4 addresses with spaces take about 250 characters, long IPv6 ones
 about 750."""
 _IPV4_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_HIDDEN_NODE_RE = re.compile(r"unknown|_[A-Za-z0-9._-]+", re.IGNORECASE)
+"""A list element naming no address: ``unknown`` (a proxy that did not know its client) or an RFC 7239 obfuscated
+identifier (``_hidden``, ``_abc123``: a node that would not disclose its address)."""
 
 
 def _shown(value: object) -> str:
@@ -126,21 +130,50 @@ def _one_ip_address(value: str) -> bool:
     return True
 
 
+def _is_port(text: str) -> bool:
+    """Whether ``text`` is a TCP port, 0 to 65535 in ASCII digits."""
+    return _PORT_RE.fullmatch(text) is not None and int(text) <= 65535
+
+
+def _address_in(element: str) -> str | None:
+    """The address one list element names, without the port or brackets a proxy may add (``1.2.3.4:5678``,
+    ``[2001:db8::1]:443``, ``[2001:db8::1]``), else ``None``. A bare IPv6 address is taken whole, never split at its
+    last ``:``: ``2001:db8::1`` is that address, not ``2001:db8:`` and port 1, so a port needs the brackets."""
+    if element.startswith("["):
+        inner, bracket, rest = element[1:].partition("]")
+        port_ok = rest == "" or (rest[:1] == ":" and _is_port(rest[1:]))
+        ipv6 = not _IPV4_RE.fullmatch(inner) and _one_ip_address(inner)
+        return inner if bracket and port_ok and ipv6 else None
+    if element.count(":") == 1:  # an IPv6 address has at least two: this is IPv4 and a port, or nothing
+        host, _, port = element.partition(":")
+        return host if _IPV4_RE.fullmatch(host) and _one_ip_address(host) and _is_port(port) else None
+    return element if _one_ip_address(element) else None
+
+
 def check_ip_address(value: object, field: str = "ip_address") -> str:
     """The client's address in ``value``: ``value`` itself when it is one IPv4 address (zero-padded octets too, as
-    some logs write them) or one IPv6 address (with a zone, an embedded IPv4); the first of a comma-separated list, as
-    an X-Forwarded-For header gives it (``203.0.113.7, 10.0.0.2``: the client, then each proxy), when every one of its
-    at most :data:`IP_LIST_MAX` elements is an address and the whole is at most :data:`IP_LIST_TEXT_MAX` characters.
-    Else :class:`InvalidRecord` ``invalid_id`` naming the field and the length. Refused, such a list dead-lettered the
-    sales of every shop behind a proxy; one element that is no address makes the list a forgery or garbage."""
-    if isinstance(value, str) and len(value) <= IP_LIST_TEXT_MAX:
-        parts = [part.strip(" ") for part in value.split(",")] if "," in value else [value]
-        if len(parts) <= IP_LIST_MAX and all(map(_one_ip_address, parts)):
-            return parts[0]
+    some logs write them) or one IPv6 address (with a zone, an embedded IPv4), without the port or brackets a proxy
+    may write around it (:func:`_address_in`); the first address of a comma-separated list, as an X-Forwarded-For
+    header gives it (``203.0.113.7, 10.0.0.2``: the client, then each proxy), skipping ``unknown`` and RFC 7239
+    obfuscated elements (:data:`_HIDDEN_NODE_RE`), when every one of its at most :data:`IP_LIST_MAX` elements is an
+    address or one of those and the whole is at most :data:`IP_LIST_TEXT_MAX` characters. Else :class:`InvalidRecord`
+    ``invalid_id`` naming the field and the length, a value naming no address at all too (nothing to key a profile
+    by). Refused, such values dead-lettered the sales of every shop behind a proxy; one element that is none of these
+    makes the list a forgery or garbage."""
+    if isinstance(value, str) and len(value) <= IP_LIST_TEXT_MAX and value.count(",") < IP_LIST_MAX:
+        parts = [part.strip(" ") for part in value.split(",")]
+        addresses = [_address_in(part) for part in parts]
+        unnamed = [part for part, address in zip(parts, addresses, strict=True) if address is None]
+        if all(_HIDDEN_NODE_RE.fullmatch(part) for part in unnamed):
+            client = next((address for address in addresses if address is not None), None)
+            if client is None:
+                reason = f"{field} names no IP address ({_shown(value)}; only unknown or obfuscated elements)"
+                raise InvalidRecord("invalid_id", reason)
+            return client
     raise InvalidRecord(
         "invalid_id",
-        f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6, or a comma-separated list of at most "
-        f"{IP_LIST_MAX}, the client first)",
+        f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6, with a port or [brackets], or a "
+        f"comma-separated list of at most {IP_LIST_MAX} of them, the client first)",
     )
 
 

@@ -36,14 +36,15 @@ FREE_IDENTITIES = ("card_token", "customer_email", "ip_address")
 blank means none -- a lone space would otherwise be one shared profile for every shopper who sent one. An e-mail
 is lower-cased too: mail providers deliver ``Mule@Example.com`` to ``mule@example.com``, and keyed as written,
 alternating capitals split one shopper into two histories (half the velocity of a burst). An IP address list (an
-X-Forwarded-For header's, the client first) is its client's address: the one the profiles, the model and Fraud
-Detector see, the same for a sale sent with the list or with that address alone."""
+X-Forwarded-For header's, the client first), or one address with a port or brackets, is its client's address alone:
+the one the profiles, the model and Fraud Detector see, the same for a sale sent so or with that address alone."""
 IDENTITY_CHECKS = {"card_token": check_card_token, "customer_email": check_email, "ip_address": check_ip_address}
 """The bound on each of :data:`FREE_IDENTITIES` once normalized (``invalid_id``, naming the field and its length),
-returning the value kept (an IP list's first address): each keys a profile in state, and a card token is the customer
-key OpenSearch indexes (a term over 32 766 bytes is refused there): unbounded, a 500 000-character one was kept and sent
-on. Shapes only, loose enough for every real value: an address up to RFC 5321's 254 characters, IPv4 or IPv6 (or an
-X-Forwarded-For list of them), a token of any processor's format."""
+returning the value kept (an IP list's first address, without a port or brackets): each keys a profile in state, and
+a card token is the customer key OpenSearch indexes (a term over 32 766 bytes is refused there): unbounded, a
+500 000-character one was kept and sent on. Shapes only, loose enough for every real value: an address up to RFC
+5321's 254 characters, IPv4 or IPv6 (with a port, or an X-Forwarded-For list of them), a token of any processor's
+format."""
 
 
 def check_size(value: bytes | None, max_bytes: int) -> None:

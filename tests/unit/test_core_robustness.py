@@ -633,7 +633,7 @@ def test_a_failed_decisions_dead_letter_is_its_record_as_sent_and_its_re_drive_i
     offset with its key, so ``redrive`` sends it back; the copy is decided once, a second copy dropped."""
     predictor = FailsFor("t2")
     core = make_core(predictor=predictor, face_deadline_ms=0)
-    sent = sale("t2", card=" card-B ", customer_email=" Mule@Example.COM", ip_address="10.0.0.9 ")
+    sent = sale("t2", card=" card-B ", customer_email=" Mule@Example.COM", ip_address="unknown, [2001:db8::9]:443 ")
     record = SourceRecord(b"store-001/lane-01", sent.encode(), TX, 2, 41, NOW)
     step = core.on_records([record], NOW)
     [raw] = [value for topic, _, value in step.outputs if topic == DLQ]

@@ -8,6 +8,7 @@ import pytest
 from infra.local.pos_generator import PosGenerator
 from infra.settings import Settings
 from jobs.model.fraud_model import FEATURE_NAMES, feature_row
+from jobs.model.train import observe_all
 from jobs.scoring.claims import ConflictingTransaction
 from jobs.scoring.features import CustomerProfile, Receipt, StoreActivity, customer_key
 from jobs.scoring.rules import Decision, FaceResult, ModelResult, RuleSet, decide
@@ -15,6 +16,7 @@ from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringStat
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord, is_retryable
+from schemas.identifiers import check_ip_address
 from tests.builders import T0, return_of, sale
 
 SETTINGS = Settings()
@@ -399,6 +401,15 @@ def test_a_scored_field_of_free_text_over_128_characters_is_dead_lettered_and_a_
         ("ip_address", "10.0.0.1,,10.0.0.2"),
         ("ip_address", "10.0.0.1, "),
         ("ip_address", ", ".join(["10.0.0.1"] * 17)),
+        ("ip_address", "1.2.3.4:65536"),
+        ("ip_address", "1.2.3.4:5:6"),
+        ("ip_address", "[1.2.3.4]:80"),
+        ("ip_address", "2001:db8::1]:80"),
+        ("ip_address", "[2001:db8::1]443"),
+        ("ip_address", "2001:db8::1::80"),
+        ("ip_address", "unknownx, 10.0.0.1"),
+        ("ip_address", "_hidden id, 10.0.0.1"),
+        ("ip_address", ", ".join(["unknown"] * 16 + ["10.0.0.1"])),
     ],
 )
 def test_a_card_token_email_or_ip_past_any_real_ones_bound_is_dead_lettered_naming_the_field_not_the_text(field, text):
@@ -460,6 +471,62 @@ def test_an_x_forwarded_for_ip_list_is_scored_as_its_client_address_and_one_with
         parse_transaction(replace(sale("t9"), ip_address="203.0.113.7, 10.0.0.300").encode(), T0, 1 << 20)
     assert err.value.kind == "invalid_id" and err.value.reason.startswith("ip_address is not an IP address (")
     assert "203.0.113.7" not in err.value.reason
+
+
+@pytest.mark.parametrize(
+    "sent,client",
+    [
+        ("1.2.3.4:5678", "1.2.3.4"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("[fe80::1%eth0]:8080", "fe80::1%eth0"),
+        ("203.0.113.7:51234, 10.0.0.2:80", "203.0.113.7"),
+        ("unknown, 10.0.0.2", "10.0.0.2"),
+        ("Unknown,10.0.0.2", "10.0.0.2"),
+        ("_hidden, 10.0.0.2", "10.0.0.2"),
+        ("_abc123, unknown, [2001:db8::7]:8443, 10.0.0.2", "2001:db8::7"),
+    ],
+)
+def test_an_ip_address_with_a_port_or_brackets_or_behind_unknown_proxies_is_scored_as_the_address_alone(sent, client):
+    """Proxies and POS systems write these: refused, each such sale was dead-lettered and never scored. The port and
+    brackets are dropped and ``unknown`` or RFC 7239 obfuscated elements skipped: the client is the first address,
+    the same profile as a sale sent with that address alone; the dead letter still holds the value as sent."""
+    as_sent: dict[str, Any] = {}
+    parsed = parse_transaction(replace(sale("t1"), ip_address=sent).encode(), T0, 1 << 20, as_sent=as_sent)
+    assert parsed["ip_address"] == client
+    assert as_sent == {"ip_address": sent}
+    with_port, alone = Scorer(Settings()), Scorer(Settings())
+    port_state, alone_state = ScoringState(), ScoringState()
+    for n in range(3):  # three cards from one client: its profile links them, however the address was written
+        tx = sale(f"v{n}", at_s=n * 60, card=f"card-{n}")
+        got = []
+        for scorer, state, ip in ((with_port, port_state, sent), (alone, alone_state, client)):
+            record = replace(tx, ip_address=ip)
+            out, _ = scorer.observe(scorer.parse(record.encode(), None, "transactions", 0, n, tx.event_time), state)
+            got.append((feature_row(out[0], dict(out[1])), sorted(out[1].items())))
+        assert got[0] == got[1]
+    assert dict(zip(FEATURE_NAMES, got[0][0], strict=True))["link_tx_before_max"] == 2.0
+    history = observe_all([replace(sale("h1"), ip_address=sent)], Settings())  # train and backtest: the same parse
+    assert not history.rejected and history.items[0][0]["ip_address"] == client
+
+
+def test_a_bare_ipv6_address_is_never_split_at_its_last_colon_as_a_port():
+    """``2001:db8::1`` is that address, not ``2001:db8:`` and port 1: a port on an IPv6 address needs brackets."""
+    assert check_ip_address("2001:db8::1") == "2001:db8::1"
+    assert check_ip_address("::1:80") == "::1:80"
+    assert check_ip_address("2001:db8::1, [2001:db8::2]:443") == "2001:db8::1"
+    with pytest.raises(InvalidRecord):
+        check_ip_address("::ffff:192.0.2.128:80")
+
+
+@pytest.mark.parametrize("text", ["unknown", "_hidden", "unknown, _abc123, UNKNOWN"])
+def test_an_ip_address_list_naming_no_address_is_refused_saying_so(text):
+    """Nothing to key the client's profile by: the sale is dead-lettered, as before, with a reason that says why."""
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(replace(sale("t1"), ip_address=text).encode(), T0, 1 << 20)
+    assert err.value.kind == "invalid_id"
+    reason = err.value.reason
+    assert reason.startswith("ip_address names no IP address (") and "unknown or obfuscated" in reason
 
 
 def test_a_blank_identity_is_no_identity_not_one_profile_shared_by_every_shopper_who_sent_it():
