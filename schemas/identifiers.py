@@ -150,6 +150,17 @@ def _address_in(element: str) -> str | None:
     return element if _one_ip_address(element) else None
 
 
+def canonical_ip(address: str) -> str:
+    """One spelling per host, so one client keys one profile however a POS or proxy wrote it: IPv4 without zero padding
+    (``010.001.002.003`` is ``10.1.2.3``), IPv6 compressed in lower case (``2001:0DB8:0:0::1`` is ``2001:db8::1``), its
+    zone kept, and an IPv4-mapped IPv6 address as its IPv4 address (``::ffff:192.0.2.128``, a dual-stack socket's way of
+    writing an IPv4 client). ``address`` is one :func:`_one_ip_address` accepted."""
+    if _IPV4_RE.fullmatch(address):
+        return ".".join(str(int(octet)) for octet in address.split("."))
+    parsed = ipaddress.IPv6Address(address)
+    return str(parsed.ipv4_mapped) if parsed.ipv4_mapped is not None and not parsed.scope_id else str(parsed)
+
+
 def check_ip_address(value: object, field: str = "ip_address") -> str:
     """The client's address in ``value``: ``value`` itself when it is one IPv4 address (zero-padded octets too, as
     some logs write them) or one IPv6 address (with a zone, an embedded IPv4), without the port or brackets a proxy
@@ -159,7 +170,7 @@ def check_ip_address(value: object, field: str = "ip_address") -> str:
     address or one of those and the whole is at most :data:`IP_LIST_TEXT_MAX` characters. Else :class:`InvalidRecord`
     ``invalid_id`` naming the field and the length, a value naming no address at all too (nothing to key a profile
     by). Refused, such values dead-lettered the sales of every shop behind a proxy; one element that is none of these
-    makes the list a forgery or garbage."""
+    makes the list a forgery or garbage. The address is returned in its :func:`canonical_ip` spelling."""
     if isinstance(value, str) and len(value) <= IP_LIST_TEXT_MAX and value.count(",") < IP_LIST_MAX:
         parts = [part.strip(" ") for part in value.split(",")]
         addresses = [_address_in(part) for part in parts]
@@ -169,7 +180,7 @@ def check_ip_address(value: object, field: str = "ip_address") -> str:
             if client is None:
                 reason = f"{field} names no IP address ({_shown(value)}; only unknown or obfuscated elements)"
                 raise InvalidRecord("invalid_id", reason)
-            return client
+            return canonical_ip(client)
     raise InvalidRecord(
         "invalid_id",
         f"{field} is not an IP address ({_shown(value)}; allowed: IPv4 or IPv6, with a port or [brackets], or a "

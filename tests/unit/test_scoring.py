@@ -16,7 +16,7 @@ from jobs.scoring.scorer import CUSTOMERS, RECEIPTS, STORES, Scorer, ScoringStat
 from jobs.scoring.validation import parse_transaction
 from schemas.codec import codec
 from schemas.errors import InvalidRecord, is_retryable
-from schemas.identifiers import check_ip_address
+from schemas.identifiers import canonical_ip, check_ip_address
 from tests.builders import T0, return_of, sale
 
 SETTINGS = Settings()
@@ -444,7 +444,30 @@ def test_a_card_token_email_or_ip_past_any_real_ones_bound_is_dead_lettered_nami
 def test_real_card_tokens_emails_and_ip_addresses_pass(field, text):
     changes: dict[str, Any] = {field: text}
     parsed = parse_transaction(replace(sale("t1"), **changes).encode(), T0, 1 << 20)
-    assert parsed[field] == (text.lower() if field == "customer_email" else text)
+    if field == "ip_address":
+        assert parsed[field] == canonical_ip(text)
+    else:
+        assert parsed[field] == (text.lower() if field == "customer_email" else text)
+
+
+@pytest.mark.parametrize(
+    "spellings",
+    [
+        ("10.1.2.3", "010.001.002.003", "10.01.2.3:8080", "::ffff:10.1.2.3", "[::FFFF:10.1.2.3]:443"),
+        ("2001:db8::ff00:42:8329", "2001:0DB8:0000:0000:0000:FF00:0042:8329", "[2001:db8:0:0::ff00:42:8329]:80"),
+    ],
+)
+def test_one_client_written_several_ways_is_one_ip_address_and_one_profile(spellings):
+    """A zero-padded IPv4, an upper-case or uncompressed IPv6 and a dual-stack socket's IPv4-mapped form name the same
+    host: taken as written, each keyed a profile of its own, so a client's cards were not linked across the tills or
+    proxies that spell it differently. Every spelling is now the canonical one."""
+    assert {check_ip_address(text) for text in spellings} == {spellings[0]}
+    scorer, state = Scorer(Settings()), ScoringState()
+    for n, text in enumerate(spellings):  # one card per spelling: the IP's profile links them all
+        tx = replace(sale(f"w{n}", at_s=n * 60, card=f"card-w{n}"), ip_address=text)
+        out, _ = scorer.observe(scorer.parse(tx.encode(), None, "transactions", 0, n, tx.event_time), state)
+    row = dict(zip(FEATURE_NAMES, feature_row(out[0], dict(out[1])), strict=True))
+    assert row["link_tx_before_max"] == float(len(spellings) - 1)
 
 
 def test_an_x_forwarded_for_ip_list_is_scored_as_its_client_address_and_one_with_a_bad_element_is_refused():
