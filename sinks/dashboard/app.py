@@ -189,12 +189,13 @@ class Dashboard:
         current = {role: distributions[role]["version"] for role in MODEL_ROLES}
         evaluation = evaluate_models(self.labelled_scored(window, labels), self.trained_ids, current)
         summary = shape_labels_summary(self.search(self.labels, labels_summary_query()))
-        return {
+        shaped = {
             "window": {"start": window.start_ms, "end": window.end_ms, "store": window.store},
             "distributions": distributions,
             "evaluation": evaluation,
             "labels": {**summary, "read": len(labels), "truncated": truncated},
         }
+        return with_store_times(shaped, window.store, self.settings.alerts)
 
     def trained_ids(self, model_version: str | None) -> frozenset[str] | None:
         """The training rows of the local artifact a scored record names, from the models root: the folder whose
@@ -241,7 +242,10 @@ class Dashboard:
         return rows
 
     def model_drift(self, window: Window) -> dict[str, Any]:
-        return shape_drift(self.search(self.drift, drift_query(window)))
+        """The latest drift report per model version, its hour on the page's clock as the models view's window end
+        (drift is measured over all stores; the clock is the store chosen's, as on the live page)."""
+        shaped = shape_drift(self.search(self.drift, drift_query(window)))
+        return with_store_times(shaped, window.store, self.settings.alerts)
 
     def pipeline(self) -> dict[str, Any]:
         """Pipeline health from Prometheus; an unreachable one is an answer with ``error`` set, not a failure."""

@@ -401,16 +401,26 @@ def one_clock(store: str | None, alerts: AlertSettings) -> bool:
 
 
 def with_store_times(shaped: dict[str, Any], store: str | None, alerts: AlertSettings) -> dict[str, Any]:
-    """``shaped`` (an overview or the face activity) with each chart point's ``local`` (its bucket's start) and the
-    window's ``local_end`` as the alert messages give times (:func:`store_time`: the store's zone, named), where the
-    charts have one such clock (:func:`one_clock`); as it was otherwise, a chain across zones with no store chosen,
-    which the page shows in the viewer's own zone, named. Before, the charts were in UTC while the alert list and the
-    case pages gave store times. ``t`` and ``end`` stay epoch ms."""
+    """``shaped`` (an overview, the face activity, the models view or the drift rows) with its times as the alert
+    messages give them (:func:`store_time`: the store's zone, named), where the page has one such clock
+    (:func:`one_clock`): each chart point's ``local`` (its bucket's start), each drift row's ``local_hour`` (its hour's
+    start) and the window's ``local_end``; as it was otherwise, a chain across zones with no store chosen, which the
+    page shows in the viewer's own zone, named. The live and models pages thus read one clock: before, the charts,
+    then the models page's window end and drift hours, were in UTC while the alert list and the case pages gave store
+    times. ``t``, ``hour_start`` and ``end`` stay epoch ms."""
     if not one_clock(store, alerts):
         return shaped
-    out = {**shaped, "series": [{**p, "local": store_time(p.get("t"), store, alerts)} for p in shaped["series"]]}
+
+    def at(time_ms: object) -> str | None:
+        return store_time(time_ms, store, alerts)
+
+    out = dict(shaped)
+    if isinstance(series := shaped.get("series"), list):
+        out["series"] = [{**p, "local": at(p.get("t"))} for p in series]
+    if isinstance(drift := shaped.get("models"), list):
+        out["models"] = [{**row, "local_hour": at(row.get("hour_start"))} for row in drift]
     if isinstance(window := shaped.get("window"), dict):
-        out["window"] = {**window, "local_end": store_time(window.get("end"), store, alerts)}
+        out["window"] = {**window, "local_end": at(window.get("end"))}
     return out
 
 

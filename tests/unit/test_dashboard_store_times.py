@@ -1,7 +1,8 @@
 """The case page, the cases list and the live page give an alert's or case's times as its alert message gives them,
-in the store's zone (``CG_ALERTS__STORE_TIMEZONES``, else ``CG_ALERTS__TIMEZONE``), as the alert page does: the
-app's own answers, then the pages run in Node over them (skipped without Node). Before, all three gave UTC, hours off
-the message a guard came from."""
+in the store's zone (``CG_ALERTS__STORE_TIMEZONES``, else ``CG_ALERTS__TIMEZONE``), as the alert page does, and the
+live and models pages their charts', window end's and drift hours' on that clock too: the app's own answers, then
+the pages run in Node over them (skipped without Node). Before, all gave UTC, hours off the message a guard came
+from."""
 
 from __future__ import annotations
 
@@ -199,3 +200,62 @@ def test_a_chart_tick_of_an_hours_bucket_keeps_its_minutes_on_a_clock_off_the_ho
     ]
     script = f"return {json.dumps(ticks)}.map(([local, s]) => fmtTime(0, s, local));"
     assert run_page("common.js", scenario=script) == ["01-15 13:30", "01-15 03h", "01-15", "01-15 19h", "03:00:05"]
+
+
+class Drifted:
+    """The drift index holds one report, for the hour starting at T; every other index answers empty."""
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        if not index.endswith("model_drift"):
+            return {"hits": {"total": {"value": 0}, "hits": []}, "aggregations": {}}
+        report = {"_source": {"model_version": "m-1", "hour_start": T, "rows": 5, "score_psi": 0.01}}
+        bucket = {"key": "m-1", "latest": {"hits": {"hits": [report]}}, "in_window": {"doc_count": 1}}
+        return {"hits": {"total": {"value": 1}, "hits": []}, "aggregations": {"models": {"buckets": [bucket]}}}
+
+
+def models_answers(settings: Settings = SETTINGS, store: str = "") -> dict[str, Any]:
+    """The models page's answers (the models view, the drift rows) for ``store`` ("" = every store)."""
+    board = Dashboard(settings, client=Drifted(), clock=lambda: (T + MIN) / 1000)  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    return {path: client.get(path, params={"store": store}).json() for path in ("/api/models", "/api/drift")}
+
+
+def test_the_models_answers_give_the_window_end_and_drift_hours_on_the_live_pages_clock() -> None:
+    """The models page gave its window end and drift hours in UTC while the live page gave store times: the same rule
+    now, the store chosen's clock or the chain's one zone (drift is measured over all stores, its hour is told on the
+    page's clock), else none, for the viewer's own zone."""
+    nyc = models_answers(store="S-NYC")
+    assert nyc["/api/models"]["window"]["local_end"] == "2027-01-15 03:01:00 EST"
+    assert [(m["hour_start"], m["local_hour"]) for m in nyc["/api/drift"]["models"]] == [(T, "2027-01-15 03:00:00 EST")]
+    one_zone = models_answers(Settings(alerts={"timezone": "Asia/Kolkata"}))
+    assert one_zone["/api/models"]["window"]["local_end"] == "2027-01-15 13:31:00 IST"
+    assert one_zone["/api/drift"]["models"][0]["local_hour"] == "2027-01-15 13:30:00 IST"
+    mixed = models_answers()
+    assert "local_end" not in mixed["/api/models"]["window"] and "local_hour" not in mixed["/api/drift"]["models"][0]
+
+
+def _models_page(models: dict[str, Any], drift: dict[str, Any]) -> dict[str, Any]:
+    from tests.unit.test_dashboard_models_page import EVALUATION, LABELS, SCORES
+
+    answers = {
+        "/api/config": [[200, {"refresh_ms": 3000, "window_minutes": 60}]],
+        "/api/models": [[200, {**models, "distributions": SCORES, "evaluation": EVALUATION, "labels": LABELS}]],
+        "/api/drift": [[200, drift]],
+    }
+    shown = run_page("models.js", answers, runs=0)
+    return {"status": shown["status"]["textContent"], "drift": shown["nodes"]["#drift-table tbody"]["children"]}
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_models_page_shows_its_window_end_and_drift_hours_on_the_live_pages_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "Australia/Adelaide")  # the viewer's browser: 18:30 at T
+    nyc = models_answers(store="S-NYC")
+    shown = _models_page(nyc["/api/models"], nyc["/api/drift"])
+    assert "window ends 03:01:00 EST · " in shown["status"] and "UTC" not in shown["status"], shown
+    assert "<td>2027-01-15 03:00 EST</td>" in shown["drift"][0], shown
+    mixed = models_answers()  # a chain across zones, every store: the viewer's clock, named
+    shown = _models_page(mixed["/api/models"], mixed["/api/drift"])
+    assert "window ends 18:31:00 your time, Australia/Adelaide · " in shown["status"], shown
+    assert "<td>2027-01-15 18:30</td>" in shown["drift"][0] and "08:00" not in shown["drift"][0], shown

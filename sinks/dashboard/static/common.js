@@ -72,13 +72,17 @@ function isoHere(ms) {
 const HERE_ZONE = (() => {
   try { return Intl.DateTimeFormat().resolvedOptions().timeZone || "your browser's zone"; } catch (e) { return "your browser's zone"; }
 })();
-// A chart's tick or tip for a point's time, shorter as the interval grows: `local`, the point's time as the server
-// gave it on the store's clock ("2027-01-15 03:00:00 EST", where the charts have one: one store, or one zone for the
-// chain), else the viewer's own zone (the status line names the clock); before, always UTC. Minutes are kept for an
-// hour's bucket that starts off the hour there (a zone 30 or 45 minutes off UTC). A time no date can hold is shown as
-// it came (the charts put it in as text): it threw before, and no chart of the page was drawn.
+// A time on the clock of the live and models pages, "YYYY-MM-DD hh:mm:ss": `local`, the time as the server gave it on
+// the store's clock ("2027-01-15 03:00:00 EST", where the page has one: one store, or one zone for the chain), else
+// the viewer's own zone (the status line names the clock, chartClock); null where no date holds the time.
+function clockText(local, ms) {
+  return (typeof local === "string" && local) || isoHere(ms);
+}
+// A chart's tick or tip for a point's time on that clock (clockText), shorter as the interval grows; before, always
+// UTC. Minutes are kept for an hour's bucket that starts off the hour there (a zone 30 or 45 minutes off UTC). A time
+// no date can hold is shown as it came (the charts put it in as text): it threw before, and no chart was drawn.
 function fmtTime(t, intervalS, local) {
-  const text = (typeof local === "string" && local) || isoHere(t);
+  const text = clockText(local, t);
   if (text === null) return String(t);
   const day = text.slice(5, 10), minute = text.slice(11, 16);
   const hour = minute.endsWith(":00") ? `${minute.slice(0, 2)}h` : minute;
@@ -86,8 +90,8 @@ function fmtTime(t, intervalS, local) {
   if (intervalS >= 3600) return `${day} ${hour}`;
   return text.slice(11, intervalS < 60 ? 19 : 16);
 }
-// The clock of the live page's charts, for its status line: the window's end on it, named ("03:01:00 EST", the
-// server's local_end), else on the viewer's own ("09:01:00 your time, Europe/Paris").
+// The clock of the live and models pages, for their status lines: the window's end on it, named ("03:01:00 EST", the
+// server's local_end), else on the viewer's own ("09:01:00 your time, Europe/Paris"); a time no date holds as it came.
 function chartClock(w) {
   if (typeof w.local_end === "string" && w.local_end) return w.local_end.slice(11);
   const here = isoHere(w.end);

@@ -13,9 +13,15 @@ const state = {
 };
 const fmtAuc = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const fmtPsi = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
-// An hour's start as "YYYY-MM-DD hh:00" (UTC), HTML-escaped; a time no date can hold (out of range) as it came, for
-// its row only: toISOString threw on it, and nothing on the page was drawn.
-const hourUtc = (ms) => (ms ? escapeHtml(isoUtc(ms) ? `${isoUtc(ms).slice(0, 13)}:00` : String(ms)) : "–");
+// A drift report's hour as "YYYY-MM-DD hh:mm" on the live page's clock (common.js's clockText): the store's, its zone
+// named ("2027-01-15 03:00 EST", the server's local_hour), else the viewer's (named in the status line); before, UTC
+// whatever the live page showed. HTML-escaped; a time no date can hold (out of range) as it came, for its row only:
+// toISOString threw on it, and nothing on the page was drawn.
+const hourText = (local, ms) => {
+  if (!ms) return "–";
+  const text = clockText(local, ms);
+  return escapeHtml(text === null ? String(ms) : `${text.slice(0, 16)}${text.slice(19)}`);
+};
 
 // Each role's figures are one model's: the model holding the role now, over every row it scored in the
 // window as champion, as challenger or as a remote backend's fallback (after a promotion the roles' fields mix
@@ -153,7 +159,7 @@ function renderDrift(dr) {
     const tr = document.createElement("tr");
     tr.dataset.model = m.model_version;
     if (m.alert) tr.className = "alerting";
-    tr.innerHTML = `<td>${escapeHtml(m.model_version)}</td><td>${hourUtc(m.hour_start)}</td><td>${num.format(m.rows || 0)}${late}</td>` +
+    tr.innerHTML = `<td>${escapeHtml(m.model_version)}</td><td>${hourText(m.local_hour, m.hour_start)}</td><td>${num.format(m.rows || 0)}${late}</td>` +
       `<td><span class="psi ${m.score_band}">${fmtPsi(m.score_psi)}</span></td><td class="worst">${worst}</td>` +
       `<td class="flag">${m.alert ? '<span class="badge">ALERT</span>' : "no"}</td>` +
       `<td>${num.format(m.alerts_in_window)} / ${num.format(m.hours_in_window)}</td><td>${num.format(m.reference_rows || 0)}</td>`;
@@ -177,8 +183,8 @@ async function refresh() {
     state.renders += 1;
     document.body.dataset.renders = String(state.renders);
     status.className = "status";
-    const end = isoUtc(models.window.end)?.slice(11, 19) ?? String(models.window.end);
-    status.textContent = withNote(state, `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} UTC · updated ${new Date().toLocaleTimeString()}`);
+    const end = chartClock(models.window);  // the live page's clock, named: the store's, else the viewer's
+    status.textContent = withNote(state, `${models.window.store ? `store ${models.window.store} · ` : ""}window ends ${end} · updated ${new Date().toLocaleTimeString()}`);
     state.failures = 0;
     state.stopped = false;
     state.timer = setTimeout(refresh, state.refreshMs);
