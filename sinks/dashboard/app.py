@@ -84,6 +84,7 @@ from sinks.dashboard.queries import (
     Window,
     alert_by_id_query,
     alerts_query,
+    chart_zone,
     drift_query,
     evaluate_models,
     faces_query,
@@ -167,7 +168,8 @@ class Dashboard:
             latest = (answer.get("aggregations", {}).get("latest") or {}).get("value")
             if latest is not None:
                 end = int(latest) + 1
-        return Window(start_ms=end - minutes * 60_000, end_ms=end, store=store)
+        zone = chart_zone(store, self.settings.alerts, end)  # the charts' buckets start on the clock they are shown on
+        return Window(start_ms=end - minutes * 60_000, end_ms=end, store=store, zone=zone)
 
     def overview(self, window: Window) -> dict[str, Any]:
         shaped = shape_overview(self.search(self.transactions, overview_query(window)), window)

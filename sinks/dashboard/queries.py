@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from infra.settings import AlertSettings
@@ -65,11 +66,13 @@ ALERT_FIELDS = (
 
 @dataclass(frozen=True)
 class Window:
-    """The event-time range ``[start_ms, end_ms)`` the page shows, optionally one store only."""
+    """The event-time range ``[start_ms, end_ms)`` the page shows, optionally one store only; ``zone``: the IANA zone
+    (or UTC offset) whose clock the charts' buckets start on (:func:`chart_zone`), None for UTC's."""
 
     start_ms: int
     end_ms: int
     store: str | None = None
+    zone: str | None = None
 
     @property
     def interval_s(self) -> int:
@@ -94,18 +97,21 @@ class Window:
         return out
 
     def histogram(self, **sub_aggs: Any) -> dict[str, Any]:
-        """A date histogram over the whole window, empty buckets included, so the x axis is continuous."""
-        interval_ms = self.interval_s * 1000
-        first = self.start_ms - self.start_ms % interval_ms
-        return {
-            "date_histogram": {
-                "field": "event_time",
-                "fixed_interval": f"{self.interval_s}s",
-                "min_doc_count": 0,
-                "extended_bounds": {"min": first, "max": self.end_ms - 1},
-            },
-            **({"aggs": sub_aggs} if sub_aggs else {}),
+        """A date histogram over the whole window, empty buckets included, so the x axis is continuous. With a
+        ``zone`` OpenSearch starts the buckets on that clock (``time_zone``: whole intervals from its midnight, so a
+        6 h bucket starts at 00, 06, 12 and 18 there; a day with a DST change keeps those starts, the bucket holding
+        the change an hour short or long); before, always on UTC's, 19:00 in New York and 05:30 in Kolkata. The
+        bounds are given as they are: OpenSearch rounds them by the same rule, gaps and repeated hours included,
+        where a UTC rounding here put the first bucket a whole interval early on such a clock."""
+        histogram: dict[str, Any] = {
+            "field": "event_time",
+            "fixed_interval": f"{self.interval_s}s",
+            "min_doc_count": 0,
+            "extended_bounds": {"min": self.start_ms, "max": self.end_ms - 1},
         }
+        if self.zone:
+            histogram["time_zone"] = self.zone
+        return {"date_histogram": histogram, **({"aggs": sub_aggs} if sub_aggs else {})}
 
 
 def _percentiles(field: str) -> dict[str, Any]:
@@ -398,6 +404,28 @@ def one_clock(store: str | None, alerts: AlertSettings) -> bool:
     """Whether the charts of ``store`` (None: every store) have one store-local clock: a store chosen, or a chain
     whose stores all keep ``CG_ALERTS__TIMEZONE`` (no ``CG_ALERTS__STORE_TIMEZONES`` entry says otherwise)."""
     return bool(store) or all(zone == alerts.timezone for zone in alerts.store_timezones.values())
+
+
+def chart_zone(store: str | None, alerts: AlertSettings, at_ms: int) -> str | None:
+    """The zone the charts' buckets of ``store`` (None: every store) start on (:meth:`Window.histogram`): that of the
+    one clock they are shown on (:func:`one_clock`; the store's zone as :func:`store_time` takes it), so their starts
+    read as whole hours there; None where they have no one clock (a chain across zones, no store chosen: UTC's hours,
+    shown in the viewer's zone). Without ``CG_ALERTS__TIMEZONE``, the machine's zone, by its UTC offset at ``at_ms``
+    (OpenSearch needs a zone it can name: a window across that zone's DST change aligns to the offset at its end)."""
+    if not one_clock(store, alerts):
+        return None
+    return alerts.zone_of(store) or machine_offset(at_ms)
+
+
+def machine_offset(at_ms: int) -> str:
+    """This machine's UTC offset at ``at_ms`` as OpenSearch takes a zone: ``+05:30``, ``-08:00``; UTC's at a time no
+    date holds (a window anchored at an out-of-range event)."""
+    try:
+        offset = datetime.fromtimestamp(at_ms / 1000).astimezone().utcoffset()
+    except (OverflowError, OSError, ValueError):
+        offset = None
+    minutes = round(offset.total_seconds() / 60) if offset is not None else 0
+    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def with_store_times(shaped: dict[str, Any], store: str | None, alerts: AlertSettings) -> dict[str, Any]:

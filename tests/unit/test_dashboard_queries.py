@@ -13,6 +13,7 @@ from sinks.dashboard.queries import (
     STORES_SHOWN,
     Window,
     alerts_query,
+    faces_query,
     overview_query,
     shape_alerts,
     shape_faces,
@@ -46,7 +47,21 @@ def test_time_series_covers_the_whole_window_including_empty_buckets() -> None:
     histogram = overview_query(Window(HOUR_MS + 30_000, 2 * HOUR_MS))["aggs"]["series"]["date_histogram"]
     assert histogram["min_doc_count"] == 0
     assert histogram["fixed_interval"] == "60s"
-    assert histogram["extended_bounds"] == {"min": HOUR_MS, "max": 2 * HOUR_MS - 1}
+    assert histogram["extended_bounds"] == {"min": HOUR_MS + 30_000, "max": 2 * HOUR_MS - 1}  # OpenSearch rounds them
+    assert "time_zone" not in histogram  # no zone: UTC's hours
+
+
+def test_chart_buckets_start_on_the_windows_zone_not_on_utcs() -> None:
+    """A 6 h bucket started at 19:00 in New York (UTC's 00:00) and 05:30 in Kolkata: OpenSearch now starts them on the
+    zone's own clock (``time_zone``: 00, 06, 12, 18 there), and rounds the window's start into its bucket by the same
+    rule (a UTC rounding here could put the first bucket, empty, a whole interval before the window)."""
+    start = 11 * HOUR_MS + 30 * 60_000  # 06:30 in New York: its bucket starts at 06:00 there, 11:00 UTC
+    for zone in ("America/New_York", "Asia/Kolkata"):
+        window = Window(start, start + 10 * 24 * HOUR_MS, store="S1", zone=zone)
+        for body in (overview_query(window), faces_query(window)):
+            histogram = body["aggs"]["series"]["date_histogram"]
+            assert histogram["time_zone"] == zone and histogram["fixed_interval"] == "21600s"
+            assert histogram["extended_bounds"]["min"] == start
 
 
 def outcome_buckets(**counts: int) -> dict:

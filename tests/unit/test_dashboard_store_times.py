@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -259,3 +261,56 @@ def test_the_models_page_shows_its_window_end_and_drift_hours_on_the_live_pages_
     shown = _models_page(mixed["/api/models"], mixed["/api/drift"])
     assert "window ends 18:31:00 your time, Australia/Adelaide · " in shown["status"], shown
     assert "<td>2027-01-15 18:30</td>" in shown["drift"][0] and "08:00" not in shown["drift"][0], shown
+
+
+class Recorded:
+    """Answers every search empty and keeps the bodies it was sent, by index."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, dict[str, Any]] = {}
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        self.bodies[index] = body
+        return {"hits": {"total": {"value": 0}, "hits": []}, "aggregations": {}}
+
+
+def chart_zones(settings: Settings = SETTINGS, store: str = "", at_ms: int = T) -> dict[str, str | None]:
+    """The ``time_zone`` the live page's two chart queries (transactions, faces) send OpenSearch, 10 days ending at
+    ``at_ms`` (6 h buckets), for ``store`` ("" = every store)."""
+    recorded = Recorded()
+    board = Dashboard(settings, client=recorded, clock=lambda: at_ms / 1000)  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    for path in ("/api/overview", "/api/faces"):
+        client.get(path, params={"store": store, "minutes": 10 * 24 * 60})
+    histograms = {index: body["aggs"]["series"]["date_histogram"] for index, body in recorded.bodies.items()}
+    assert {h["fixed_interval"] for h in histograms.values()} == {"21600s"}
+    return {index.rsplit("-", 1)[-1]: h.get("time_zone") for index, h in histograms.items()}
+
+
+@pytest.fixture
+def machine_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Sets this process's own zone (``TZ``) for a test, and puts it back after."""
+
+    def use(zone: str) -> None:
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+
+    yield use
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_the_chart_buckets_start_on_the_clock_the_charts_are_shown_on(machine_zone: Callable[[str], None]) -> None:
+    """The charts' 3, 6 and 12 h buckets started on UTC's hours whatever clock the page showed them on: 19:00, 01:00,
+    07:00 and 13:00 in New York, 05:30 and 11:30 in Kolkata. They now start on that clock, its midnight and every 6 h
+    after (OpenSearch's ``time_zone``), by the live page's rule: the store chosen's zone or the chain's one zone; a
+    chain across zones with no store chosen has no one clock, and keeps UTC's."""
+    assert chart_zones(store="S-NYC") == {"transactions": "America/New_York", "face_observations": "America/New_York"}
+    assert set(chart_zones(store="S-BER").values()) == {"Europe/Berlin"}  # a store in no zone of its own: the chain's
+    assert set(chart_zones(Settings(alerts={"timezone": "Asia/Kolkata"})).values()) == {"Asia/Kolkata"}
+    assert set(chart_zones().values()) == {None}
+    machine_zone("America/New_York")  # no CG_ALERTS__TIMEZONE: the machine's zone, by its offset at the window's end
+    assert set(chart_zones(Settings()).values()) == {"-05:00"}
+    assert set(chart_zones(Settings(), at_ms=T + 180 * 24 * 3_600_000).values()) == {"-04:00"}  # July: daylight time
+    machine_zone("Asia/Kathmandu")
+    assert set(chart_zones(Settings()).values()) == {"+05:45"}

@@ -79,8 +79,9 @@ function clockText(local, ms) {
   return (typeof local === "string" && local) || isoHere(ms);
 }
 // A chart's tick or tip for a point's time on that clock (clockText), shorter as the interval grows; before, always
-// UTC. Minutes are kept for an hour's bucket that starts off the hour there (a zone 30 or 45 minutes off UTC). A time
-// no date can hold is shown as it came (the charts put it in as text): it threw before, and no chart was drawn.
+// UTC. The server starts the buckets on a store's clock at its whole hours; on the viewer's they start at UTC's, and
+// minutes are kept for an hour's bucket that starts off the hour there (a zone 30 or 45 minutes off UTC). A time no
+// date can hold is shown as it came (the charts put it in as text): it threw before, and no chart was drawn.
 function fmtTime(t, intervalS, local) {
   const text = clockText(local, t);
   if (text === null) return String(t);
