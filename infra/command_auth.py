@@ -66,6 +66,17 @@ def authenticate_command(
         raise InvalidRecord("unauthorized", "issuer is not on the allow-list")
 
 
+def signed_by_bot(cmd: BotCommand, headers: Sequence[tuple[str, Any]], webex: WebexSettings) -> bool:
+    """Whether ``cmd`` carries one signature and it verifies under the configured key, whatever else
+    :func:`authenticate_command` refused it for (its age, the allow-list): its fields, its room among them, are then
+    the bot's, not a claim."""
+    key = webex.command_signing_key.get_secret_value() if webex.command_signing_key else ""
+    signatures = [value for name, value in headers if name == SIGNATURE_HEADER]
+    if not key or len(signatures) != 1 or not isinstance(signatures[0], bytes):
+        return False
+    return hmac.compare_digest(sign_command(cmd, key), signatures[0])
+
+
 CLAIM_MAX = 256
 """How much of each claim an unverified command's audit event keeps (:func:`claimed_details`)."""
 

@@ -540,6 +540,21 @@ WATCHLIST_SERVICE_ACTOR = "watchlist-service"
 service audits a case's expiry as ``EXPIRE`` too, under its own name."""
 
 
+WEBEX_REPLY_ROOM = "webex_room_id"
+WEBEX_REPLY_PERSON = "webex_person"
+"""``details`` keys of the case service's audit event of a verdict given in Webex that it refused (``FAILED``): the
+room the bot took it in and the person who gave it (an e-mail address or a Webex person id), where the alert sender
+tells them it did not count (sinks/alerts/notices.py). Set only for a command the bot signed."""
+
+
+def webex_reply_details(cmd: BotCommand) -> dict[str, str]:
+    """:data:`WEBEX_REPLY_ROOM` and :data:`WEBEX_REPLY_PERSON` of a command given in Webex (none for another source,
+    the dashboard's: its page shows the refusal itself)."""
+    if cmd.source != "webex" or not cmd.room_id:
+        return {}
+    return {WEBEX_REPLY_ROOM: cmd.room_id, WEBEX_REPLY_PERSON: cmd.actor}
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent(Record):
     AVRO_NAME: ClassVar[str] = "AuditEvent"

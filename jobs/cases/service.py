@@ -26,7 +26,9 @@ expired before it was read (the check runs first at start, before the backlog). 
 signed by the bot, fresh and from an allow-listed issuer (:func:`infra.command_auth.authenticate_command`, as
 the watchlist service checks them); anything else
 is audited ``FAILED`` under its offset and dead-lettered (``unauthorized``), as is an undecodable input or a
-command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``); the verdict a case has
+command the case refuses (``illegal_transition``, ``unknown_case``, ``bad_command``); the audit event of a refused
+verdict the bot signed names the Webex room and person it came from, and the alert sender tells them it did not count
+(sinks/alerts/notices.py: the bot had answered "Sent"); the verdict a case has
 already, again from the person who gave it (a double press), is audited ``UNCHANGED`` and changes nothing. The
 consumer offset is committed after the outputs' transaction; state (cases, dismissals per subject, commands
 already applied, forgotten subjects, reference images) is rebuilt at start from ``cases``, ``audit`` and
@@ -56,7 +58,13 @@ import typer
 from infra import clock, metrics
 from infra.clients import transactional
 from infra.clients.transactional import Out, Source
-from infra.command_auth import SIGNATURE_HEADER, authenticate_command, claimed_details, sign_command
+from infra.command_auth import (
+    SIGNATURE_HEADER,
+    authenticate_command,
+    claimed_details,
+    sign_command,
+    signed_by_bot,
+)
 from infra.logs import LOG_LEVEL_HELP, setup_logging
 from infra.processes import StopRequest, exit_deadline, stop_on_signals
 from infra.settings import Settings, get_settings
@@ -90,6 +98,7 @@ from schemas.records import (
     dead_letter,
     dead_letter_headers,
     make_label,
+    webex_reply_details,
 )
 from schemas.topics import (
     ALERTS,
@@ -360,10 +369,12 @@ class CaseCore:
     def _failed(
         self, src: Source, cmd: BotCommand, audit: dict[str, Any], refused: InvalidRecord, now_ms: int
     ) -> list[Out]:
-        """A signed command the case refuses: audited ``FAILED`` with the reason, and dead-lettered."""
+        """A signed command the case refuses: audited ``FAILED`` with the reason, and the room and person of one given
+        in Webex (:func:`~schemas.records.webex_reply_details`: the alert sender tells them), and dead-lettered."""
         log.info("command %s %s refused: %s", cmd.command_id, cmd.verb, refused.reason)
+        details = {**audit.get("details", {}), **webex_reply_details(cmd)}
         return [
-            self._audit(**audit, outcome="FAILED", reason=f"{refused.kind}: {refused.reason}"),
+            self._audit(**{**audit, "details": details}, outcome="FAILED", reason=f"{refused.kind}: {refused.reason}"),
             self._dead_letter(src, refused, now_ms),
         ]
 
@@ -501,6 +512,12 @@ class CaseCore:
         if audit_id in self.done:
             return []
         log.warning("command at %s:%d:%d refused: %s", src.topic, src.partition, src.offset, error.reason)
+        details = claimed_details(cmd)
+        if error.kind == "unauthorized" and signed_by_bot(cmd, src.headers, self.settings.webex):
+            # the bot's own verdict, refused for its age or the allow-list: the person read "Sent" and is told
+            details.update(webex_reply_details(cmd))
+            with contextlib.suppress(InvalidRecord):
+                details["case_id"] = parse_case_command(cmd.verb, cmd.argument).case_id
         return [
             self._audit(
                 audit_id=audit_id,
@@ -509,7 +526,7 @@ class CaseCore:
                 outcome="FAILED",
                 actor=UNVERIFIED_ACTOR,
                 reason=f"{error.kind}: {error.reason}",
-                details=claimed_details(cmd),
+                details=details,
             ),
             self._dead_letter(src, error, now_ms),
         ]

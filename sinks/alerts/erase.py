@@ -150,8 +150,12 @@ class Eraser:
         now_ms: Callable[[], int] | None = None,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         monotonic: Callable[[], float] = time.monotonic,
+        on_events: Callable[[list[dict[str, Any]]], object] | None = None,
     ) -> None:
         self.settings, self.ledger, self.channels, self.group_id = settings, ledger, dict(channels), group_id
+        self.on_events = on_events
+        """Also given every audit event fetched, before their offsets are committed (the refusal replies of
+        sinks/alerts/notices.py record theirs): one that raises keeps the batch uncommitted, read again."""
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
         self.monotonic = monotonic
         """The clock the sweeps are paced by (a test's fake one runs an outage's minutes at once)."""
@@ -271,9 +275,11 @@ class Eraser:
         self._audit_error = (time.monotonic(), error.name())
 
     def take(self, messages: list[Message]) -> int:
-        """Record the forgets among fetched audit events (durably, before their offsets are committed)."""
+        """Record the forgets among fetched audit events (durably, before their offsets are committed), and hand every
+        event to :attr:`on_events`."""
         forgets: list[Forget] = []
         enrolments: list[tuple[str, int]] = []
+        events: list[dict[str, Any]] = []
         for message in messages:
             if not kafka_clients.is_record(message, log, "audit consumer", on_error=self.on_kafka_error):
                 continue
@@ -283,11 +289,14 @@ class Eraser:
             except CheckoutGuardError as exc:  # the watchlist service's own topic: not ours to dead-letter
                 log.warning("audit record %d:%d unreadable (%s); skipped", message.partition(), message.offset(), exc)
                 continue
+            events.append(event)
             if (forget := forget_of(event)) is not None:
                 forgets.append(forget)
             elif event.get("action") == "ENROLL" and event.get("outcome") == "DONE" and event.get("subject_id"):
                 enrolments.append((str(event["subject_id"]), int(event["event_time"])))
         self.ledger.record_forgets(forgets, enrolments)
+        if events and self.on_events is not None:
+            self.on_events(events)
         if forgets:
             self._fresh_until = max(self._fresh_until, max(f[3] for f in forgets) + self._fresh_ms)
         return len(forgets)

@@ -16,9 +16,9 @@ from pathlib import Path
 from schemas.errors import CheckoutGuardError
 from sinks.alerts.erase import FORGET_GRACE_MS
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 """``PRAGMA user_version`` of the layout below. Raise it with each change and add that change's step to
-:func:`_migrate`; version 0 is every file written before the ledger had a version."""
+:func:`_migrate`; version 0 is every file written before the ledger had a version, 1 the one before ``notices``."""
 
 TABLES: dict[str, str] = {
     "deliveries": (
@@ -41,12 +41,18 @@ TABLES: dict[str, str] = {
         "CREATE TABLE dead_letters (position TEXT PRIMARY KEY, alert_id TEXT, "
         "error_kind TEXT NOT NULL, at_ms INTEGER NOT NULL)"
     ),
+    # Webex replies owed for verdicts the case service refused, by its audit id: see sinks/alerts/notices.py.
+    "notices": (
+        "CREATE TABLE notices (notice_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, person TEXT NOT NULL, "
+        "text TEXT NOT NULL, state TEXT NOT NULL, at_ms INTEGER NOT NULL, detail TEXT)"
+    ),
 }
 """The current layout, table by table."""
 
 INDEXES: dict[str, str] = {
     **{f"posts_{c}": f"posts ({c})" for c in ("subject_id", "transaction_id", "posted_ms")},
-    **{f"{t}_at_ms": f"{t} (at_ms)" for t in ("deliveries", "dead_letters")},
+    **{f"{t}_at_ms": f"{t} (at_ms)" for t in ("deliveries", "dead_letters", "notices")},
+    "notices_state": "notices (state, at_ms)",
 }
 """Index name -> what it indexes: each sweep's and :meth:`sinks.alerts.sender.Ledger.prune`'s lookups, no table
 scans."""
@@ -56,6 +62,7 @@ CURRENT_COLUMNS: dict[str, tuple[str, ...]] = {
     "posts": ("message_id", "alert_id", "channel", "subject_id", "transaction_id", "alert_ms", "posted_ms"),
     "forgets": ("audit_id", "subject_id", "transaction_id", "at_ms", "until_ms"),
     "dead_letters": ("position", "alert_id", "error_kind", "at_ms"),
+    "notices": ("notice_id", "room_id", "person", "text", "state", "at_ms", "detail"),
 }
 
 UNVERSIONED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -129,9 +136,12 @@ def _quoted(name: str) -> str:
 
 
 def _migrate(db: sqlite3.Connection, path: Path, version: int) -> None:
-    """Each step from ``version`` up, inside :func:`prepare`'s transaction."""
+    """Each step from ``version`` up, inside :func:`prepare`'s transaction. An unversioned file gets every table it
+    lacks of the current layout (``notices`` among them); version 1 gains ``notices``."""
     if version == 0:
         _from_unversioned(db, path)
+    elif version == 1:
+        db.execute(TABLES["notices"])
 
 
 def _from_unversioned(db: sqlite3.Connection, path: Path) -> None:

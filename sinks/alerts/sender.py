@@ -34,8 +34,12 @@ How nothing is lost or doubled:
   partition; a crash replays from there and the ledger turns the replay into no-ops, a dead-lettered record's too
   (no second dead letter, no other try; a re-drive is a new record, sent again).
 
+Replies in Webex to case verdicts the case service refused after the bot answered "Sent" go out from a thread of
+their own, fed by the eraser's read of ``audit`` (sinks/alerts/notices.py; once each, through the ledger).
+
 Metrics (``infra.metrics``, stage ``alert-sender``): alerts in (kind ``alert``, or ``invalid`` for one that
-cannot be decoded), alerts out (every channel delivered or already had it), dead letters by error kind,
+cannot be decoded), alerts out (every channel delivered or already had it; ``refusal_reply`` for those replies),
+dead letters by error kind,
 ``cg_channel_deliveries`` by channel and result -- ``delivered``, ``failed`` (each failed send), ``retried``
 (queued again after a failure), ``dead_lettered`` (given up: the alert is dead-lettered), ``already_sent``
 (the ledger says so), ``already_dead_lettered`` (read again after its dead letter was confirmed, before its
@@ -107,6 +111,7 @@ from sinks.alerts import ledger_schema
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
 from sinks.alerts.mail import Mailer, MailError, SesMailer, SmtpMailer, build_email
 from sinks.alerts.message import AlertText, case_card, case_url, describe, local_time
+from sinks.alerts.notices import Notice, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +378,35 @@ class Ledger:
         if statements:
             self._write(*statements)
 
+    def record_notices(self, notices: Sequence[Notice]) -> None:
+        """Replies owed for refused Webex verdicts (sinks/alerts/notices.py), pending; one already recorded (its audit
+        event read again) is left as it is, posted or not. One commit."""
+        if notices:
+            self._write(
+                *(
+                    (
+                        "INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?, 'pending', ?, NULL)",
+                        (n.notice_id, n.room_id, n.person, n.text, n.at_ms),
+                    )
+                    for n in notices
+                )
+            )
+
+    def pending_notices(self, limit: int) -> list[Notice]:
+        """The oldest ``limit`` replies not posted yet (nor under way, nor given up)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT notice_id, room_id, person, text, at_ms FROM notices WHERE state = 'pending' "
+                "ORDER BY at_ms LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [Notice(n, r, p, t, a) for n, r, p, t, a in rows]
+
+    def mark_notice(self, notice_id: str, state: str, detail: str | None = None) -> None:
+        """A reply's new state (``sending`` before its post, then ``sent``, ``unknown``, ``failed``, ``expired``, or
+        ``pending`` again when Webex held it up), with the message id or why."""
+        self._write(("UPDATE notices SET state = ?, detail = ? WHERE notice_id = ?", (state, detail, notice_id)))
+
     def latest_forget_ms(self) -> int | None:
         """When the latest forget remembered happened (a restarted eraser keeps sweeping often after it)."""
         with self._reading() as db:
@@ -411,9 +445,10 @@ class Ledger:
         be read again: :func:`ledger_keep_ms`), ``batch`` rows a commit so that the database is locked only briefly
         (the sends' own writes go between), at most ``max_batches`` commits a call (the rest at the next); how many
         rows went; ``stop`` set ends it between two commits. The posts and forgets are the eraser's
-        (sinks/alerts/erase.py), which drops them itself."""
+        (sinks/alerts/erase.py), which drops them itself. The refusal replies go too (one that old is past
+        ``CG_ALERTS__DEADLINE_S``: its audit event, read again, makes none)."""
         pruned = 0
-        for table in ("deliveries", "dead_letters"):
+        for table in ("deliveries", "dead_letters", "notices"):
             sql = f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE at_ms < ? LIMIT ?)"
             for _ in range(max_batches):
                 if stop is not None and stop.is_set():
@@ -1586,6 +1621,9 @@ class AlertSender:
         self._out = metrics.RECORDS_OUT.labels(STAGE, "alert")
         self._eraser: Eraser | None = None
         self._eraser_thread: threading.Thread | None = None
+        self._notifier: Notifier | None = None
+        """Replies in Webex to verdicts the case service refused (sinks/alerts/notices.py), fed by the eraser."""
+        self._notifier_thread: threading.Thread | None = None
         self._halt = threading.Event()
         """The eraser's and the ledger prune's end: the loop's, however it ends (set when ``_run`` finishes)."""
         self._pruning: threading.Thread | None = None
@@ -1661,11 +1699,20 @@ class AlertSender:
             self._eraser.wake()
 
     def start_eraser(self, stop: threading.Event) -> threading.Thread | None:
-        """The thread that takes alert messages back from the erasable channels (sinks/alerts/erase.py), if any."""
+        """The thread that takes alert messages back from the erasable channels (sinks/alerts/erase.py), if any, and
+        with a Webex channel the one that replies to verdicts the case service refused (sinks/alerts/notices.py)."""
         erasable = {c.name: c for c in self.channels if getattr(c, "erasable", False)}
         if not erasable:
             return None
-        self._eraser = Eraser(self.settings, self.ledger, erasable, f"{self.group_id}-eraser")
+        webex = next((c for c in erasable.values() if isinstance(c, WebexChannel)), None)
+        if webex is not None:  # the bot's token and rate limit: it replies to refused verdicts (notices.py)
+            self._notifier = Notifier(self.settings, self.ledger, webex.client, webex.rate_limit)
+            self._notifier_thread = threading.Thread(
+                target=self._notifier.run, args=(stop,), name="refusal-replies", daemon=True
+            )
+            self._notifier_thread.start()
+        on_events = self._notifier.take if self._notifier is not None else None
+        self._eraser = Eraser(self.settings, self.ledger, erasable, f"{self.group_id}-eraser", on_events=on_events)
         thread = threading.Thread(target=self._eraser.run, args=(stop,), name="alert-eraser", daemon=True)
         thread.start()
         self._eraser_thread = thread
@@ -1725,6 +1772,8 @@ class AlertSender:
             self._halt.set()
             for worker in self._workers.values():
                 worker.stop(until)
+            if self._notifier_thread is not None:  # a reply's post under way: its state recorded before the close
+                self._notifier_thread.join(max(0.0, until - time.monotonic()))
             if eraser is not None:
                 eraser.join(max(0.0, until - time.monotonic()))
                 if eraser.is_alive():
@@ -1840,6 +1889,9 @@ class AlertSender:
         thread = self._eraser_thread
         if thread is not None and not thread.is_alive() and not self._halt.is_set():
             return False, "alert eraser stopped"
+        replies = self._notifier_thread
+        if replies is not None and not replies.is_alive() and not self._halt.is_set():
+            return False, "refusal replies stopped"
         return self.heartbeat()
 
     def ready(self) -> tuple[bool, str]:

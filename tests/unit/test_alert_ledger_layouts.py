@@ -110,6 +110,23 @@ def test_a_ledger_of_each_earlier_layout_is_migrated_at_open_and_keeps_what_it_r
         assert columns(db) == fresh_columns(tmp_path)
 
 
+def test_a_version_1_ledger_gains_the_refusal_replies_table_and_keeps_what_it_recorded(tmp_path: Path) -> None:
+    """Version 1 (2026-12-07's layout, versioned) had no ``notices``: the replies to refused Webex verdicts."""
+    from sinks.alerts.notices import Notice
+
+    path = tmp_path / "ledger.sqlite3"
+    written_by(path, LAYOUTS["2026-12-07 at_ms indexes"])
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 1")
+    with closing(Ledger(path)) as ledger:
+        assert ledger.state("alert-1", "webex") == "sent"
+        ledger.record_notices([Notice("case:m1", "room-1", "guard@x.test", "your `dismiss` ...", NOW)])
+        assert [n.notice_id for n in ledger.pending_notices(10)] == ["case:m1"]
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LEDGER_VERSION == 2
+        assert columns(db) == fresh_columns(tmp_path)
+
+
 def test_a_forget_migrated_from_before_until_ms_keeps_the_grace_it_had(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     written_by(path, LAYOUTS["2026-12-05 posts.alert_ms, forgets without until_ms"])

@@ -14,7 +14,17 @@ from infra.settings import CasesSettings, Settings, WebexSettings
 from jobs.cases.core import case_id_for
 from jobs.cases.service import CaseCore, Source
 from jobs.model.labels import latest_labels
-from schemas.records import Alert, AuditEvent, BotCommand, Case, DeadLetter, Label, WatchlistEntry
+from schemas.records import (
+    WEBEX_REPLY_PERSON,
+    WEBEX_REPLY_ROOM,
+    Alert,
+    AuditEvent,
+    BotCommand,
+    Case,
+    DeadLetter,
+    Label,
+    WatchlistEntry,
+)
 from schemas.topics import AUDIT, CASES, COMMANDS, DEAD_LETTERS, LABELS
 from tests.builders import partitions_led
 
@@ -216,6 +226,44 @@ def test_a_verdict_refused_because_someone_else_decided_first_is_noted_on_the_ca
     assert note.text.startswith(f"dismiss by {GUARD} was refused: {case.case_id} is already confirmed")
     assert core.book.cases[case.case_id] == noted
     assert core.on_command(command_src("DISMISS", f"{case.case_id} receipt found", "m2", offset=2), NOW + 9) == []
+
+
+def test_a_webex_verdict_the_case_refuses_names_the_room_and_person_to_reply_to_and_a_dashboard_one_does_not(
+    core,
+) -> None:
+    """The bot answered "Sent"; the refusal came later and only the audit knew: its event now says where the person
+    who gave it waits (the alert sender replies there, sinks/alerts/notices.py). The case page shows its own."""
+    case = opened(core)
+    core.on_command(command_src("CONFIRM", case.case_id, "m1", actor=LEAD), NOW)
+    outs = core.on_command(command_src("DISMISS", case.case_id, "m2", offset=2), NOW + 5)
+    (refusal,) = audits(outs)
+    assert refusal.outcome == "FAILED" and refusal.details == {
+        "case_id": case.case_id,
+        WEBEX_REPLY_ROOM: "room-1",
+        WEBEX_REPLY_PERSON: GUARD,
+    }
+    page = BotCommand(
+        command_id="page-1", issued_at=NOW, verb="DISMISS", actor=GUARD, argument=case.case_id, source="dashboard"
+    )
+    src = Source("commands", 0, 3, b"page-1", page.encode(), ((SIGNATURE_HEADER, sign_command(page, KEY)),))
+    (from_page,) = audits(core.on_command(src, NOW + 6))
+    assert from_page.outcome == "FAILED" and from_page.details == {"case_id": case.case_id}
+    unknown = core._taken_up(command_src("CONFIRM", "case-0123456789ab", "m4", offset=4), NOW + 7, wait=False)
+    assert audits(unknown)[0].details[WEBEX_REPLY_ROOM] == "room-1", "a case that never opened: told too"
+
+
+def test_a_signed_webex_verdict_refused_as_too_old_names_where_to_reply_but_an_unsigned_one_does_not(core) -> None:
+    """The case service was down past CG_WEBEX__COMMAND_MAX_AGE_S: the bot's verdict is refused ``unauthorized``
+    though the bot signed it, and the person is told; an unsigned command's room is only a claim, never replied to."""
+    case = opened(core)
+    late = NOW + 901_000
+    (refusal,) = audits(core.on_command(command_src("CONFIRM", case.case_id, "m1"), late))
+    assert refusal.reason.startswith("unauthorized: issued") and refusal.actor == "unverified"
+    assert (refusal.details[WEBEX_REPLY_ROOM], refusal.details[WEBEX_REPLY_PERSON]) == ("room-1", GUARD)
+    assert refusal.details["case_id"] == case.case_id
+    (forged,) = audits(core.on_command(command_src("CONFIRM", case.case_id, "m2", offset=2, key="not-the-key"), NOW))
+    assert forged.reason == "unauthorized: signature does not match"
+    assert WEBEX_REPLY_ROOM not in forged.details and WEBEX_REPLY_PERSON not in forged.details
 
 
 @pytest.mark.parametrize("verdict", ["", " fraud"], ids=["confirm", "confirm-fraud"])
