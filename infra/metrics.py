@@ -60,6 +60,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 """Up to 2 minutes: a face-stage trigger with the real Dashboard takes up to ``CG_CAMERAS__DEADLINE_S`` (30 s) for its
 snapshot and then its analysis; with 30 s the top bucket, those fell in ``+Inf`` and a p99 showed 30 s at most."""
 
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0)
+"""From 50 ms (a Kafka transaction's round trip) to an hour: a case verdict may wait up to
+``CG_WEBEX__COMMAND_MAX_AGE_S`` (900 s) for its alert, and a service back from an outage decides inputs older still."""
+
 RECORDS_IN = Counter("cg_records_in", "Records a stage consumed, by kind.", ["stage", "kind"])
 RECORDS_OUT = Counter("cg_records_out", "Records a stage produced or wrote, by kind.", ["stage", "kind"])
 DEAD_LETTERS = Counter("cg_dead_letters", "Records a stage dead-lettered, by reason kind.", ["stage", "reason"])
@@ -68,6 +72,12 @@ PROCESSING_SECONDS = Histogram(
     "Time a stage spent on one unit of work (a record, a frame or a batch: see the stage's docs).",
     ["stage"],
     buckets=LATENCY_BUCKETS,
+)
+INPUT_WAIT_SECONDS = Histogram(
+    "cg_input_wait_seconds",
+    "Time from an input's record time on Kafka to its outcome committed (what a person waits), by stage and kind.",
+    ["stage", "kind"],
+    buckets=WAIT_BUCKETS,
 )
 SKIPPED = Counter(
     "cg_skipped", "Work a stage skipped because it came too late to be of use, by why.", ["stage", "reason"]

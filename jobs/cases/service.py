@@ -35,7 +35,8 @@ already applied, forgotten subjects, reference images) is rebuilt at start from 
 ``watchlist``, so a replay repeats nothing and shows no forgotten face again.
 
 Metrics (``infra.metrics``, stage ``case-service``): inputs by kind (``alert``, a verb, ``watchlist``,
-``invalid``), records out by topic once committed, dead letters by kind, ``cg_processing_seconds`` per input;
+``invalid``), records out by topic once committed, dead letters by kind, ``cg_processing_seconds`` per input (the
+handler alone), ``cg_input_wait_seconds`` per alert and command (its record's time to its outcome committed);
 ``/healthz`` as the watchlist service's.
 
 Run: ``python -m jobs.cases.service`` (SIGTERM stops after the current record).
@@ -148,6 +149,10 @@ class CaseCore:
         Only ids newer than the retention horizon are kept (older inputs are skipped anyway)."""
         self.marked_at = 0
         """When this service last appended the compaction marker (:func:`schemas.topics.marker_due`)."""
+        self.settled: list[tuple[str, int]] = []
+        """``(kind, record time ms)`` of each input (``alert``, ``command``) whose outcome the outputs since the last
+        :meth:`take_settled` carry: how long it waited is known once they are committed (``cg_input_wait_seconds``).
+        A verdict held for its alert settles when it is applied or refused, not when it is read."""
         self.waiting: dict[str, list[tuple[Source, int]]] = {}
         """Verified commands for a case whose alert has not been read yet (alerts and commands are separate
         topics, read in no fixed order), with when they arrived: applied when the case opens, refused
@@ -198,6 +203,18 @@ class CaseCore:
         if key is not None and value is not None and key.startswith(b"case"):
             with contextlib.suppress(DecodeError):
                 self.done[key.decode()] = AuditEvent.decode(value).event_time
+
+    def _settle(self, kind: str, src: Source, outs: list[Out]) -> list[Out]:
+        """``outs``, the outcome of ``src``: noted in :attr:`settled` when there is one (a redelivery, a held verdict
+        has none)."""
+        if outs and src.written_at is not None:
+            self.settled.append((kind, src.written_at))
+        return outs
+
+    def take_settled(self) -> list[tuple[str, int]]:
+        """:attr:`settled`, emptied: the service times them once their outputs are committed."""
+        settled, self.settled = self.settled, []
+        return settled
 
     def horizon(self, now_ms: int) -> int:
         """Inputs written before this (ms) are past retention: their decided cases are removed, so an alert
@@ -269,7 +286,7 @@ class CaseCore:
                     check(value, field)
         except InvalidRecord as exc:  # oversized, undecodable (DecodeError), or an id that is not one
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
-            return [self._dead_letter(src, exc, now_ms)]
+            return self._settle("alert", src, [self._dead_letter(src, exc, now_ms)])
         if self.past_horizon(src, now_ms):
             return []
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
@@ -288,6 +305,7 @@ class CaseCore:
             log.info("expired %s at once: its alert is older than the expiry", case.case_id)
             outs.append(self._case(expired))
             outs.append(self._service_audit(expired, "EXPIRE", "the alert was older than the expiry when read", now_ms))
+        self._settle("alert", src, outs)
         for waiting, _since in self.waiting.pop(case.case_id, []):
             outs += self._taken_up(waiting, now_ms)
         return outs
@@ -298,7 +316,7 @@ class CaseCore:
             cmd = BotCommand.decode(src.value or b"")
         except DecodeError as exc:
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
-            return self._undecodable(src, exc, now_ms)
+            return self._settle("command", src, self._undecodable(src, exc, now_ms))
         if cmd.verb not in CASE_VERBS:
             return []  # the watchlist service's or the bot's business
         if self.past_horizon(src, now_ms):
@@ -312,7 +330,11 @@ class CaseCore:
         return self._command(src, BotCommand.decode(src.value or b""), now_ms, wait=wait)
 
     def _command(self, src: Source, cmd: BotCommand, now_ms: int, *, wait: bool = True) -> list[Out]:
-        """A case command: applied, refused, or (``wait``, a verified command for a case not opened yet) held."""
+        """A case command: applied, refused, or (``wait``, a verified command for a case not opened yet) held; settled
+        (:meth:`_settle`) unless held or done already."""
+        return self._settle("command", src, self._decide(src, cmd, now_ms, wait=wait))
+
+    def _decide(self, src: Source, cmd: BotCommand, now_ms: int, *, wait: bool = True) -> list[Out]:
         audit_id = f"case:{cmd.command_id}"
         if audit_id in self.done:
             return []
@@ -751,6 +773,14 @@ class CaseService:
             stopping=self._stop.is_set,
             exit_by=self._exit_by,
         )
+        self._time_waits(clock.now_ms())
+
+    def _time_waits(self, committed_ms: int) -> None:
+        """``cg_input_wait_seconds`` of the inputs whose outcome just committed: from the record's time on Kafka (a
+        command's is the broker's append, ``LogAppendTime``) to now. ``cg_processing_seconds`` times the handler
+        only, microseconds, while a verdict waits on the batch's transaction, a backlog, its alert or an outage."""
+        for kind, written_at in self.core.take_settled():
+            metrics.INPUT_WAIT_SECONDS.labels(PROCESS, kind).observe(max(0, committed_ms - written_at) / 1000)
 
 
 def main(log_level: str | None = None) -> None:

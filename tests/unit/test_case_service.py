@@ -857,6 +857,9 @@ class _IdleCore:
     def oldest_waiting(self, topic: str, partition: int) -> None:
         return None
 
+    def take_settled(self) -> list:
+        return []
+
 
 def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stops_deadline_uncommitted(
     caplog: pytest.LogCaptureFixture,
@@ -1265,3 +1268,63 @@ def test_an_alert_dated_at_or_before_1970_is_dead_lettered_invalid_timestamp_and
     assert of(outs, CASES) == [] and core.book.cases == {}
     (letter,) = (DeadLetter.decode(o.value) for o in of(outs, DEAD_LETTERS))
     assert letter.error_kind == "invalid_timestamp"
+
+
+class _Committing(_HangingCommit):
+    """A transactional producer whose commit goes through at once."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None)
+
+    def produce(self, topic: str, key: bytes, value: bytes | None, headers: list | None = None) -> None:
+        pass
+
+    def commit_transaction(self, timeout: float) -> None:
+        pass
+
+
+def _waits(kind: str) -> tuple[float, float]:
+    """``cg_input_wait_seconds`` of the case service for ``kind`` so far: (count, sum)."""
+    from prometheus_client import REGISTRY
+
+    labels = {"stage": "case-service", "kind": kind}
+    count = REGISTRY.get_sample_value("cg_input_wait_seconds_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value("cg_input_wait_seconds_sum", labels) or 0.0
+
+
+def test_the_wait_of_an_alert_and_a_verdict_is_timed_from_their_record_time_to_their_outcome_committed(
+    core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cg_processing_seconds`` timed the handler alone (microseconds): a verdict held for its alert for five minutes,
+    or read after an outage, looked instant. ``cg_input_wait_seconds`` counts from the record's time on Kafka (the
+    broker's, for a command) to the transaction that carries its outcome; a held verdict counts once, when applied."""
+    import threading
+
+    from infra.metrics import Heartbeat
+    from jobs.cases import service as case_service
+    from jobs.cases.service import CaseService
+
+    svc = CaseService.__new__(CaseService)
+    svc.settings, svc.prefix, svc.core = core.settings, "", core
+    svc._stop, svc.heartbeat = StopRequest(), Heartbeat()
+    svc.producer, svc.consumer = _Committing(), _OneCommand(threading.Event())  # type: ignore[assignment]
+    committed = [0]
+    monkeypatch.setattr(case_service.clock, "now_ms", lambda: committed[0])
+    commands, alerts = _waits("command"), _waits("alert")
+
+    early = replace(command_src("CONFIRM", case_id_for("watchlist:tx-1:subj-a"), "m1"), written_at=NOW)
+    assert core.on_command(early, NOW + 10) == [], "held for its alert"
+    committed[0] = NOW + 500
+    svc._publish([], [])
+    assert _waits("command") == commands, "a held verdict has no outcome yet"
+
+    alert = replace(alert_src(event_time=NOW + 299_000), written_at=NOW + 299_000)
+    outs = core.on_alert(alert, NOW + 300_000)  # opens the case, and the held verdict is applied
+    assert case_of([o for o in outs if o.topic == CASES][-1:]).state == "confirmed"
+    committed[0] = NOW + 302_000
+    svc._publish(outs, [])
+    assert _waits("command") == (commands[0] + 1, commands[1] + 302.0), "from its record time, held 5 min"
+    assert _waits("alert") == (alerts[0] + 1, alerts[1] + 3.0)
+    svc._publish([], [])
+    assert _waits("command")[0] == commands[0] + 1, "timed once"
+    assert core.on_command(early, NOW + 303_000) == [] and core.take_settled() == [], "a replay is no outcome"
