@@ -47,12 +47,13 @@ def given_up_by(call: Callable[[], T], what: str, give_up_by: Callable[[], float
     before: the watchlist service's) from a daemon thread, given up at that deadline, 1 s before the supervisor's
     SIGKILL (:func:`infra.clients.transactional.bounded`: ``TransactionGivenUp`` naming ``whose`` and ``what``), so the
     service gives its command up uncommitted instead of being killed in it; unset, waited for here. One rule for every
-    AWS client that has it: Rekognition's calls and the S3 image store's."""
+    AWS client that has it, Rekognition's calls and the S3 image store's, and for the local image store's file
+    operations (:func:`infra.clients.image_store.local_file_call`: ``whose`` the words of several)."""
     if give_up_by is None:
         return call()
     from infra.clients.transactional import bounded  # here: it loads the Kafka client
 
-    return bounded(call, what, give_up_by, f"{whose.lower()}-call", whose=whose)
+    return bounded(call, what, give_up_by, "-".join(whose.lower().split()) + "-call", whose=whose)
 
 
 def aws_session(

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from infra.clients import aws
@@ -33,6 +33,8 @@ from infra.clock import now_ms
 from infra.durable import fsync_dir, make_dirs_durably, replace_durably
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
+
+T = TypeVar("T")
 
 KINDS = ("checkout", "entrance", "reference")
 PURGEABLE = ("checkout", "entrance")
@@ -155,10 +157,10 @@ class ImageStore:
     store's file operations call nothing): the watchlist service beats its ``/healthz`` there, so a command of several
     S3 calls, each bounded by :func:`call_limit_s`, is not taken for a hang."""
     give_up_by: Callable[[], float | None] | None = None
-    """Once its owner's stop is asked, when an S3 call still under way is given up (the watchlist service's exit
-    deadline, ``StopRequest.exit_by``; None before the stop), as its Rekognition calls are
+    """Once its owner's stop is asked, when an S3 call or a local file operation still under way is given up (the
+    watchlist service's exit deadline, ``StopRequest.exit_by``; None before the stop), as its Rekognition calls are
     (:func:`infra.clients.aws.given_up_by`); unset (the face stage, the alert sender, the bot, the dashboard), each call
-    is waited for. The local store's file operations are not given up."""
+    is waited for."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageStore:
@@ -211,9 +213,27 @@ class ImageStore:
         """Release what the store holds open (an S3 client's connection pool); files need nothing."""
 
 
+LOCAL_STORE = "the local image store"
+"""Who did not finish, in the words of a local file operation given up at a stop (:func:`local_file_call`)."""
+
+
+def local_file_call(op: str, call: Callable[[], T], give_up_by: Callable[[], float | None] | None) -> T:
+    """``call()``, the file operations ``op`` of the local image store, by the rule of an S3 call
+    (:func:`infra.clients.aws.given_up_by`): with ``give_up_by``, in a daemon thread given up at its owner's stop
+    deadline (``TransactionGivenUp``). They take milliseconds, but with the image folder on a network mount (NFS, EFS)
+    whose server stopped answering each blocks in the kernel until it answers again; in the watchlist service's main
+    thread, where neither the SIGTERM's handler nor the stop could run meanwhile, until the supervisor's SIGKILL cut the
+    command short. A thread blocked in a system call cannot be stopped: the one given up is left to end with the mount's
+    answer or the process (its writes are whole or not at all, :func:`infra.durable.replace_durably`, and its command is
+    not committed, so it is done again at the next start)."""
+    return aws.given_up_by(call, f"its {op}", give_up_by, LOCAL_STORE)
+
+
 class LocalImageStore(ImageStore):
     """Files ``<root>/<kind>/<key>`` (mode 0600); a retained image gets a ``.<key>.retained`` marker (a hashed name
-    for a long key: :func:`_marker`)."""
+    for a long key: :func:`_marker`). Each operation's file system calls go through :func:`local_file_call` (one
+    thread per operation, not per call, while :attr:`give_up_by` is set: a fraction of a millisecond, where a put's
+    fsyncs take one or more)."""
 
     PREFIX = "file:"
 
@@ -221,6 +241,9 @@ class LocalImageStore(ImageStore):
         self.root = Path(root)
         for kind in KINDS:
             make_dirs_durably(self.root / kind, mode=0o700)  # a first image is not lost with its new folder
+
+    def _call(self, op: str, call: Callable[[], T]) -> T:
+        return local_file_call(op, call, self.give_up_by)
 
     def holds(self, ref: str) -> bool:
         return isinstance(ref, str) and ref.startswith(self.PREFIX)
@@ -245,21 +268,26 @@ class LocalImageStore(ImageStore):
         their offsets are committed, still names the whole image after a power cut."""
         key = safe_key(key)
         _check(kind, key)
-        replace_durably(self.root / kind / key, data, mode=0o600)
+        self._call("put", lambda: replace_durably(self.root / kind / key, data, mode=0o600))
         return f"{self.PREFIX}{kind}/{key}"
 
     def get(self, ref: str) -> bytes:
-        return self._path(ref).read_bytes()
+        path = self._path(ref)
+        return self._call("get", path.read_bytes)
 
     def find(self, kind: str, key: str) -> str | None:
         key = safe_key(key)
         _check(kind, key)
-        return f"{self.PREFIX}{kind}/{key}" if (self.root / kind / key).is_file() else None
+        return f"{self.PREFIX}{kind}/{key}" if self._call("find", (self.root / kind / key).is_file) else None
 
     def delete(self, ref: str) -> None:
         """Delete the image and its retention marker, the folder synced after: an image a ``forget`` deleted came back
         after a power cut, and a reference image is never purged."""
         path = self._path(ref)
+        self._call("delete", lambda: self._delete(path))
+
+    @staticmethod
+    def _delete(path: Path) -> None:
         path.unlink(missing_ok=True)
         _marker(path).unlink(missing_ok=True)
         fsync_dir(path.parent)
@@ -268,12 +296,19 @@ class LocalImageStore(ImageStore):
         """Mark ``ref`` kept past the plain retention, durably: a marker lost in a power cut let the next purge delete
         the picture of the alert's case after a day, not its retention of days."""
         path = self._path(ref)
+        self._call("retain", lambda: self._retain(ref, path, reason))
+
+    @staticmethod
+    def _retain(ref: str, path: Path, reason: str) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"no image at {ref}")
         marker = _marker(path)  # its key in it too: a hashed marker's name does not say it
         replace_durably(marker, json.dumps({"reason": reason, "at": now_ms(), "key": path.name}), mode=0o600)
 
     def retained(self) -> dict[str, str]:
+        return self._call("retained", self._retained)
+
+    def _retained(self) -> dict[str, str]:
         out = {}
         for kind in PURGEABLE:
             for marker in (self.root / kind).glob(".*.retained"):
@@ -294,6 +329,9 @@ class LocalImageStore(ImageStore):
         removals synced into their folder before it returns, the folder once after its removals (also where one
         fails): unsynced, a purged snapshot (biometric data past its retention) could be back after a power cut, and
         synced per file, a purge of thousands made thousands of folder syncs."""
+        return self._call("purge", lambda: self._purge(older_than_ms, keep))
+
+    def _purge(self, older_than_ms: int, keep: frozenset[str]) -> int:
         n = 0
         for kind in PURGEABLE:
             folder, removed = self.root / kind, False
@@ -321,12 +359,15 @@ class LocalImageStore(ImageStore):
         return n
 
     def purge_retained(self, older_than_ms: int) -> int:
+        return self._call("purge_retained", lambda: self._purge_retained(older_than_ms))
+
+    def _purge_retained(self, older_than_ms: int) -> int:
         n = 0
-        for ref in self.retained():
+        for ref in self._retained():
             path = self._path(ref)
             try:
                 if path.stat().st_mtime * 1000 < older_than_ms:
-                    self.delete(ref)
+                    self._delete(path)
                     n += 1
             except FileNotFoundError:  # the marker outlived its image (a crash between the two deletes)
                 _marker(path).unlink(missing_ok=True)
@@ -558,21 +599,27 @@ class S3ImageStore(ImageStore):
         return next((t["Value"] for t in got.get("TagSet", []) if t["Key"] == "retained"), None)
 
 
-def store_holding(ref: str, settings: Settings, current: ImageStore) -> ImageStore:
+def store_holding(
+    ref: str, settings: Settings, current: ImageStore, give_up_by: Callable[[], float | None] | None = None
+) -> ImageStore:
     """The store that holds ``ref``: ``current`` when the ref is of it, else the other kind of store as
     ``settings`` describe it. After a switch (local to S3, or to another bucket) an entry's reference image is
     still where it was written, and deleting its key in the current store would leave it there.
-    :class:`ImageStoreUnavailable` when that store is not reachable from here; ``InvalidRecord`` for no ref."""
+    :class:`ImageStoreUnavailable` when that store is not reachable from here; ``InvalidRecord`` for no ref. The local
+    folder is looked for by :func:`local_file_call` (``give_up_by``: its owner's stop deadline)."""
     if current.holds(ref):
         return current
     if isinstance(ref, str) and ref.startswith(LocalImageStore.PREFIX):
         root = settings.stack_dir / "images"
-        if not (root / "reference").is_dir():
+        local = local_file_call(
+            "folder lookup", lambda: LocalImageStore(root) if (root / "reference").is_dir() else None, give_up_by
+        )
+        if local is None:
             raise ImageStoreUnavailable(
                 "the image is in the local image store, whose folder (images/ under CG_STACK_DIR) is not on this "
                 "machine: run the service where it is, or delete the file there"
             )
-        return LocalImageStore(root)
+        return local
     if isinstance(ref, str) and ref.startswith("s3://"):
         bucket = ref[5:].partition("/")[0]
         configured = {settings.faces.checkout_bucket, settings.faces.suspects_bucket}
@@ -590,24 +637,33 @@ def _extra_buckets(settings: Settings) -> list[str]:
     return [b.strip() for b in settings.faces.extra_image_buckets.split(",") if b.strip()]
 
 
-def local_former_store(settings: Settings, current: ImageStore) -> LocalImageStore | None:
+def local_former_store(
+    settings: Settings, current: ImageStore, give_up_by: Callable[[], float | None] | None = None
+) -> LocalImageStore | None:
     """The local image folder as a former store when it is on this machine and ``current`` is not it; a few ``stat``
-    calls, so a caller that keeps :func:`former_stores` can ask again for a folder that appeared since."""
+    calls, so a caller that keeps :func:`former_stores` can ask again for a folder that appeared since. They go through
+    :func:`local_file_call` (``give_up_by``: its owner's stop deadline), as the store's own operations do."""
     root = settings.stack_dir / "images"
-    if isinstance(current, LocalImageStore) or not all((root / kind).is_dir() for kind in KINDS):
+    if isinstance(current, LocalImageStore):
         return None
-    return LocalImageStore(root)
+    return local_file_call(
+        "folder lookup",
+        lambda: LocalImageStore(root) if all((root / kind).is_dir() for kind in KINDS) else None,
+        give_up_by,
+    )
 
 
-def former_stores(settings: Settings, current: ImageStore) -> list[ImageStore]:
+def former_stores(
+    settings: Settings, current: ImageStore, give_up_by: Callable[[], float | None] | None = None
+) -> list[ImageStore]:
     """The stores besides ``current`` that may hold images written before a switch of ``CG_FACES__IMAGE_STORE`` or
     of the buckets: the local image folder when it is on this machine, and each bucket of
     ``CG_FACES__EXTRA_IMAGE_BUCKETS`` (where a former bucket is kept listed) as a store of every kind. ``forget``
     searches them by key as it searches ``current``: a snapshot is found by its transaction, a retained one by its
     marker, and no record says which store took it. The retention purge sweeps them too. Creating one makes no
-    request."""
+    request; the local folder is looked for as :func:`local_former_store` says."""
     stores: list[ImageStore] = []
-    if (local := local_former_store(settings, current)) is not None:
+    if (local := local_former_store(settings, current, give_up_by)) is not None:
         stores.append(local)
     in_use = set(current.buckets.values()) if isinstance(current, S3ImageStore) else set()
     for bucket in dict.fromkeys(_extra_buckets(settings)):

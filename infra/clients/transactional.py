@@ -42,8 +42,8 @@ class TransactionGivenUp(CheckoutGuardError, RuntimeError):
     """:func:`publish` gave its transaction up at the stop's deadline (``exit_by``), Kafka not done with it: its inputs'
     offsets are not committed, so they are read again at the next start (skipped there if it landed after all). Also a
     start-up call (:func:`init_transactions`, a start-up read) given up at that deadline (:func:`bounded`), and the
-    watchlist service's Rekognition or S3 call under way (:func:`infra.clients.aws.given_up_by`: its command then not
-    committed, read again)."""
+    watchlist service's Rekognition or S3 call or local image store's file operation under way
+    (:func:`infra.clients.aws.given_up_by`: its command then not committed, read again)."""
 
 
 STOP_ERRORS = (TransactionGivenUp, ReadStopped, KafkaException, BufferError)

@@ -254,9 +254,10 @@ class WatchlistCore:
         return store
 
     def give_up_store_calls_by(self, exit_by: Callable[[], float | None]) -> None:
-        """Give up an S3 call of any store this core uses (those it reaches later too) that is still under way at
-        ``exit_by()``, the stop's deadline once the stop is asked (:attr:`ImageStore.give_up_by`): raised as
-        ``TransactionGivenUp``, its command is not committed and is read again at the next start."""
+        """Give up an S3 call or a local file operation of any store this core uses (those it reaches later too, and
+        its looks for the local image folder) that is still under way at ``exit_by()``, the stop's deadline once the
+        stop is asked (:attr:`ImageStore.give_up_by`): raised as ``TransactionGivenUp``, its command is not committed
+        and is read again at the next start."""
         self.give_up_by = exit_by
         for store in (self.store, *self.other_stores, *(self._former or ())):
             store.give_up_by = exit_by
@@ -287,10 +288,10 @@ class WatchlistCore:
         the start (a local stage run on this machine) was otherwise neither swept nor searched by ``forget`` until a
         restart. The buckets come from the settings, which do not change while the service runs."""
         if self._former is None:
-            self._former = [self._watched(store) for store in former_stores(self.settings, self.store)]
+            self._former = [self._watched(store) for store in former_stores(self.settings, self.store, self.give_up_by)]
             self._owned += self._former
         elif not any(isinstance(store, LocalImageStore) for store in self._former) and (
-            local := local_former_store(self.settings, self.store)
+            local := local_former_store(self.settings, self.store, self.give_up_by)
         ):
             self._former.append(self._watched(local))
             self._owned.append(local)
@@ -962,7 +963,7 @@ class WatchlistCore:
         for store in (self.store, *self.other_stores, *self.former()):
             if store.holds(ref):
                 return store
-        store = self._watched(store_holding(ref, self.settings, self.store))
+        store = self._watched(store_holding(ref, self.settings, self.store, self.give_up_by))
         self.other_stores.append(store)
         self._owned.append(store)
         return store

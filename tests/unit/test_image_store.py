@@ -386,3 +386,101 @@ def test_an_s3_call_under_way_at_its_owners_stop_is_given_up_by_the_stops_deadli
         store.delete(f"s3://{bucket}/checkout/tx-1")  # no stop: waited for
     finally:
         released.set()
+
+
+class StuckMount:
+    """The image folder on a network mount (NFS, EFS) whose server stopped answering: once :attr:`stuck` is set, every
+    file system call on a path in it blocks, as it does in the kernel, until :attr:`released` (or 4 s); ``on_block``
+    is called as the first one blocks (a SIGTERM arriving meanwhile). Every such call takes its path through
+    ``__fspath__``, which is where it is held here."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: object, on_block: object = None) -> None:
+        import threading
+        from pathlib import PurePath
+
+        self.root = str(root)
+        self.stuck, self.released, self.blocked = threading.Event(), threading.Event(), threading.Event()
+        self.on_block = on_block
+        real = PurePath.__fspath__
+
+        def fspath(path: PurePath) -> str:
+            named = real(path)
+            if self.stuck.is_set() and (named == self.root or named.startswith(self.root + os.sep)):
+                if not self.blocked.is_set():
+                    self.blocked.set()
+                    if callable(self.on_block):
+                        self.on_block()
+                self.released.wait(4.0)
+            return named
+
+        monkeypatch.setattr(PurePath, "__fspath__", fspath)
+
+
+LOCAL_OPS = {
+    "put": lambda s: s.put("checkout", "tx-2", b"new"),
+    "get": lambda s: s.get("file:checkout/tx-1"),
+    "find": lambda s: s.find("checkout", "tx-1"),
+    "delete": lambda s: s.delete("file:checkout/tx-1"),
+    "retain": lambda s: s.retain("file:checkout/tx-1", "alert=a-2"),
+    "retained": lambda s: s.retained(),
+    "purge": lambda s: s.purge(int(time.time() * 1000) + 60_000),
+    "purge_retained": lambda s: s.purge_retained(int(time.time() * 1000) + 60_000),
+}
+"""Every operation of the local store, on an image ``tx-1`` retained for alert ``a-1``."""
+
+
+@pytest.mark.parametrize("op", list(LOCAL_OPS))
+def test_a_local_file_operation_stuck_on_a_network_mount_at_its_owners_stop_is_given_up_by_the_stops_deadline(
+    store, monkeypatch, op: str
+) -> None:
+    """The local store's file operations were not given up at a stop as the S3 store's calls are: with the image folder
+    on a network mount whose server went away, one blocked in the kernel (in the watchlist service's main thread, the
+    SIGTERM's handler with it) until the supervisor's SIGKILL. With ``give_up_by`` each is now given up by that
+    deadline (``TransactionGivenUp``), its thread left blocked until the mount answers."""
+    from infra.clients.transactional import TransactionGivenUp
+
+    store.retain(store.put("checkout", "tx-1", b"\xff\xd8jpeg"), "alert=a-1")
+    mount = StuckMount(monkeypatch, store.root)
+    asked_at = time.monotonic()
+    store.give_up_by = lambda: asked_at + 0.3  # the stop asked: its deadline
+    mount.stuck.set()
+    try:
+        with pytest.raises(TransactionGivenUp, match=f"the local image store did not finish its {op} before"):
+            LOCAL_OPS[op](store)
+        took = time.monotonic() - asked_at
+        assert took < 1.0, f"given up after {took:.1f} s, past the stop's deadline"
+        assert mount.blocked.is_set() and not mount.released.is_set()
+    finally:
+        mount.stuck.clear()
+        mount.released.set()  # the mount answers: the operation given up ends on its own
+
+
+def test_a_local_file_operation_is_waited_for_without_a_stop_deadline(store, monkeypatch) -> None:
+    """Unset ``give_up_by`` (the face stage, the alert sender, the bot, the dashboard): a slow file operation is
+    waited for, and answers."""
+    import threading
+
+    ref = store.put("checkout", "tx-1", b"\xff\xd8jpeg")
+    mount = StuckMount(monkeypatch, store.root)
+    mount.stuck.set()
+    started = time.monotonic()
+    threading.Timer(0.2, mount.released.set).start()
+    assert store.get(ref) == b"\xff\xd8jpeg"
+    assert mount.blocked.is_set() and time.monotonic() - started >= 0.2
+
+
+def test_the_local_stores_operations_work_as_before_while_no_stop_is_asked(store) -> None:
+    """With ``give_up_by`` set and no stop asked (the watchlist service as it runs), each file operation is run and
+    answered as without it."""
+    store.give_up_by = lambda: None
+    ref = store.put("checkout", "tx-1", b"\xff\xd8jpeg")
+    assert store.get(ref) == b"\xff\xd8jpeg" and store.find("checkout", "tx-1") == ref
+    with pytest.raises(FileNotFoundError):
+        store.get("file:checkout/tx-9")
+    store.retain(ref, "alert=a-1")
+    assert store.retained() == {ref: "alert=a-1"}
+    assert store.purge(int(time.time() * 1000) + 60_000) == 0
+    assert store.purge_retained(int(time.time() * 1000) + 60_000) == 1
+    assert store.find("checkout", "tx-1") is None and store.retained() == {}
+    with pytest.raises(InvalidRecord):
+        store.delete("file:checkout/../x")

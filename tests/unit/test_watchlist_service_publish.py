@@ -855,6 +855,109 @@ def test_an_s3_call_under_way_at_a_stop_is_given_up_by_the_stops_deadline_its_co
     assert any("S3 did not finish its head_object" in message for message in warned), warned
 
 
+def test_a_local_image_stores_file_operation_stuck_at_a_stop_is_given_up_by_the_stops_deadline_its_command_uncommitted(
+    tmp_path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM came while a ``forget`` looked for the subject's reference image in the local image store, its folder on
+    a network mount (NFS, EFS) whose server stopped answering: the file system call blocked in the service's main
+    thread, where only the S3 store's calls were given up at the stop, so the supervisor's SIGKILL cut the service
+    short mid-command. The file operation is now given up as an S3 call is, 1 s before the SIGKILL: nothing is
+    published, and the command's offset is not committed."""
+    import time
+
+    from pydantic import SecretStr
+
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+    from tests.unit.test_image_store import StuckMount
+    from tests.unit.test_watchlist_service import ALLOWED, KEY, NOW, command
+
+    class Producer(FlakyTransactions):
+        def init_transactions(self, timeout: float) -> None:
+            pass
+
+        def produce(self, topic: str, key: bytes, value: bytes | None, **_headers: Any) -> None:
+            super().produce(topic, key, value)
+
+        def poll(self, timeout: float) -> int:
+            return 0
+
+    settings = Settings(
+        stack_dir=tmp_path,
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+        webex={"command_signing_key": SecretStr(KEY), "allowed_people": ALLOWED},
+    )
+    core = WatchlistCore(settings, engine=object())  # type: ignore[arg-type]  # forget needs no engine
+    stopped_at: list[float] = []
+
+    def sigterm() -> None:
+        stopped_at.append(time.monotonic())
+        svc.stop()
+
+    mount = StuckMount(monkeypatch, tmp_path / "images", on_block=sigterm)
+    producer = Producer([])
+    svc = service(producer)
+    svc.settings = settings
+    svc.consumer = _OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    forget = command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com")
+    svc.topics = {"commands": lambda _src, _now: core.on_command(forget, NOW)}
+    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
+    svc._watch_rekognition()
+    svc._watch_image_stores()
+    mount.stuck.set()  # the mount stops answering; SIGTERM arrives while the forget waits on it
+    try:
+        with caplog.at_level("WARNING"):
+            svc.run()
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        mount.stuck.clear()
+        mount.released.set()  # the mount answers again
+    assert took < 1.7, f"the stop took {took:.1f}s; the SIGKILL comes 2.5 s after the SIGTERM, its last calls by 1.5 s"
+    assert producer.calls == [] and svc.consumer.commits == [], "a command given up was published or committed"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("the local image store did not finish its find" in message for message in warned), warned
+
+
+@pytest.mark.parametrize("lookup", ["former", "store_of"])
+def test_a_look_for_the_local_image_folder_stuck_at_a_stop_is_given_up_by_the_stops_deadline(
+    tmp_path, monkeypatch, lookup: str
+) -> None:
+    """With the S3 image store, a ``forget`` and the retention sweep look for the local image folder (a former store)
+    and a local reference image's folder (the store its ref names), a few ``stat`` calls: on a network mount that
+    stopped answering they blocked as the store's own file operations did. Once the stop is asked they are given up by
+    its deadline too."""
+    import time
+
+    from infra.clients.image_store import KINDS, S3ImageStore
+    from infra.clients.transactional import TransactionGivenUp
+    from infra.settings import Settings
+    from jobs.faces.watchlist_service import WatchlistCore
+    from tests.unit.test_image_store import StuckMount
+
+    settings = Settings(stack_dir=tmp_path, faces={"image_store": "s3", "aws_endpoint_url": "http://127.0.0.1:9"})
+    for kind in KINDS:
+        (tmp_path / "images" / kind).mkdir(parents=True)
+    core = WatchlistCore(settings, engine=object(), store=S3ImageStore(settings))  # type: ignore[arg-type]
+    asked_at = time.monotonic()
+    core.give_up_store_calls_by(lambda: asked_at + 0.3)  # the stop asked: its deadline
+    mount = StuckMount(monkeypatch, tmp_path / "images")
+    mount.stuck.set()
+    try:
+        with pytest.raises(TransactionGivenUp, match="the local image store did not finish"):
+            core.former() if lookup == "former" else core.store_of("file:reference/subj-1")
+        took = time.monotonic() - asked_at
+        assert took < 1.0, f"given up after {took:.1f} s, past the stop's deadline"
+        assert mount.blocked.is_set()
+    finally:
+        mount.stuck.clear()
+        mount.released.set()
+
+
 @pytest.mark.parametrize("failing", ["commit", "close"])
 def test_a_kafka_error_after_the_stop_is_one_warning_and_a_clean_exit_with_the_input_uncommitted(
     failing: str, caplog: pytest.LogCaptureFixture
