@@ -2,7 +2,8 @@
 for the Models view, the models root's record of which rows trained each model).
 
 Endpoints (each takes ``minutes`` = window length, ``store`` = one store only, ``anchor`` = ``now`` or
-``latest``, which ends the window at the newest event so a replay of history shows up too):
+``latest``, which ends the window at the newest event so a replay of history shows up too, and ``viewer_zone`` =
+the page's browser zone, which the charts' buckets start on where no store's clock is theirs):
 
 - ``GET /api/overview``  totals, current rates, outcomes, time series, latency percentiles, per-store rows
 - ``GET /api/alerts``    latest alerts, with a thumbnail URL where the alert has a snapshot
@@ -161,14 +162,16 @@ class Dashboard:
     def search(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.client.search(index=index, body=body, params=SEARCH_PARAMS)
 
-    def window(self, minutes: int, store: str | None, anchor: str) -> Window:
+    def window(self, minutes: int, store: str | None, anchor: str, viewer_zone: str | None = None) -> Window:
+        """The window of ``minutes`` ending now or at the newest event (``anchor``); ``viewer_zone``: the page's
+        browser zone as sent, taken for the charts' buckets only where :func:`chart_zone` checks it."""
         end = int(self.clock() * 1000) + 1
         if anchor == "latest":
             answer = self.search(self.transactions, latest_event_query(store))
             latest = (answer.get("aggregations", {}).get("latest") or {}).get("value")
             if latest is not None:
                 end = int(latest) + 1
-        zone = chart_zone(store, self.settings.alerts, end)  # the charts' buckets start on the clock they are shown on
+        zone = chart_zone(store, self.settings.alerts, end, viewer_zone)  # the clock the charts are shown on
         return Window(start_ms=end - minutes * 60_000, end_ms=end, store=store, zone=zone)
 
     def overview(self, window: Window) -> dict[str, Any]:
@@ -300,7 +303,7 @@ def thumbnail(image: bytes, size: int = THUMBNAIL_PX) -> bytes:
     return out.getvalue()
 
 
-def _window_args(request: Request, settings: Settings) -> tuple[int, str | None, str]:
+def _window_args(request: Request, settings: Settings) -> tuple[int, str | None, str, str | None]:
     try:
         minutes = int(request.query_params.get("minutes", settings.dashboard.window_minutes))
     except ValueError:
@@ -308,7 +311,7 @@ def _window_args(request: Request, settings: Settings) -> tuple[int, str | None,
     minutes = min(max(minutes, 1), MAX_WINDOW_MINUTES)
     store = request.query_params.get("store") or None
     anchor = "latest" if request.query_params.get("anchor") == "latest" else "now"
-    return minutes, store, anchor
+    return minutes, store, anchor, request.query_params.get("viewer_zone")
 
 
 def _page(name: str) -> Response:

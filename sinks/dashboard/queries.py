@@ -11,11 +11,14 @@ model code in ``jobs``) for the champion and the challenger side by side.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import available_timezones
 
 from infra.settings import AlertSettings
 from schemas.model_artifact import id_digest, is_fallback, model_of
@@ -67,7 +70,8 @@ ALERT_FIELDS = (
 @dataclass(frozen=True)
 class Window:
     """The event-time range ``[start_ms, end_ms)`` the page shows, optionally one store only; ``zone``: the IANA zone
-    (or UTC offset) whose clock the charts' buckets start on (:func:`chart_zone`), None for UTC's."""
+    (or UTC offset) whose clock the charts' buckets start on (:func:`chart_zone`: the store's, else the viewer's, a
+    name checked against this machine's zones), None for UTC's."""
 
     start_ms: int
     end_ms: int
@@ -406,15 +410,44 @@ def one_clock(store: str | None, alerts: AlertSettings) -> bool:
     return bool(store) or all(zone == alerts.timezone for zone in alerts.store_timezones.values())
 
 
-def chart_zone(store: str | None, alerts: AlertSettings, at_ms: int) -> str | None:
+def chart_zone(store: str | None, alerts: AlertSettings, at_ms: int, viewer: object = None) -> str | None:
     """The zone the charts' buckets of ``store`` (None: every store) start on (:meth:`Window.histogram`): that of the
     one clock they are shown on (:func:`one_clock`; the store's zone as :func:`store_time` takes it), so their starts
-    read as whole hours there; None where they have no one clock (a chain across zones, no store chosen: UTC's hours,
-    shown in the viewer's zone). Without ``CG_ALERTS__TIMEZONE``, the machine's zone, by its UTC offset at ``at_ms``
-    (OpenSearch needs a zone it can name: a window across that zone's DST change aligns to the offset at its end)."""
+    read as whole hours there. Without ``CG_ALERTS__TIMEZONE``, the machine's zone, by its UTC offset at ``at_ms``
+    (OpenSearch needs a zone it can name: a window across that zone's DST change aligns to the offset at its end).
+    Where they have no one clock (a chain across zones, no store chosen) the page shows them in the viewer's browser
+    zone, which it sends as ``viewer``: that zone where :func:`viewer_zone` takes it (before, always UTC's hours: 6 h
+    buckets from 04:30 and 10:30 in Adelaide), else None, UTC's hours as before."""
     if not one_clock(store, alerts):
-        return None
+        return viewer_zone(viewer)
     return alerts.zone_of(store) or machine_offset(at_ms)
+
+
+VIEWER_ZONE_MAX = 64
+"""Longest viewer zone looked at: twice IANA's longest name (``America/Argentina/ComodRivadavia``, 32)."""
+ZONE_NAME = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
+"""What an IANA zone name is written with (``America/Port-au-Prince``, ``Etc/GMT+5``)."""
+NO_PLACE_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+"""Files of a zoneinfo folder that name no place: this machine's own zone, a template, tzdata's placeholder;
+OpenSearch knows none of them."""
+
+
+@functools.cache
+def known_zones() -> frozenset[str]:
+    """The IANA zones this machine knows (zoneinfo's list: the system's database, else the tzdata package)."""
+    return frozenset(available_timezones()) - NO_PLACE_ZONES
+
+
+def viewer_zone(name: object) -> str | None:
+    """``name``, the zone a page's browser says it is in (``viewer_zone``), where it is an IANA zone this machine
+    knows, as written (``Australia/Adelaide``); else None. Nothing else of a request reaches a query: the name is
+    only looked up, never parsed or opened as a path. An unknown name (a browser's tzdata newer than this machine's,
+    Chrome's ``Etc/Unknown``) or any other text is not refused: the charts' buckets start on UTC's hours, as before,
+    and their ticks keep their minutes; a 400 would leave the page without charts and stop its refreshing, for where
+    the buckets start."""
+    if not isinstance(name, str) or len(name) > VIEWER_ZONE_MAX or not ZONE_NAME.fullmatch(name):
+        return None
+    return name if name in known_zones() else None
 
 
 def machine_offset(at_ms: int) -> str:

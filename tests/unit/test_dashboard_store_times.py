@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from infra.settings import Settings
 from sinks.alerts.message import describe
 from sinks.dashboard.app import Dashboard, create_app
+from sinks.dashboard.queries import viewer_zone
 from tests.unit.dashboard_pages import NODE, facts, run_page
 from tests.unit.test_dashboard_live_page import FACES, OVERVIEW
 
@@ -274,15 +275,24 @@ class Recorded:
         return {"hits": {"total": {"value": 0}, "hits": []}, "aggregations": {}}
 
 
-def chart_zones(settings: Settings = SETTINGS, store: str = "", at_ms: int = T) -> dict[str, str | None]:
-    """The ``time_zone`` the live page's two chart queries (transactions, faces) send OpenSearch, 10 days ending at
-    ``at_ms`` (6 h buckets), for ``store`` ("" = every store)."""
+def chart_bodies(settings: Settings, store: str, at_ms: int, viewer: str | None) -> dict[str, dict[str, Any]]:
+    """The bodies of the live page's two chart queries (transactions, faces), 10 days ending at ``at_ms`` (6 h
+    buckets), for ``store`` ("" = every store), the page's browser in ``viewer`` (None: the page sent no zone)."""
     recorded = Recorded()
     board = Dashboard(settings, client=recorded, clock=lambda: at_ms / 1000)  # type: ignore[arg-type]
     client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    params = {"store": store, "minutes": str(10 * 24 * 60), **({"viewer_zone": viewer} if viewer is not None else {})}
     for path in ("/api/overview", "/api/faces"):
-        client.get(path, params={"store": store, "minutes": 10 * 24 * 60})
-    histograms = {index: body["aggs"]["series"]["date_histogram"] for index, body in recorded.bodies.items()}
+        assert client.get(path, params=params).status_code == 200
+    return recorded.bodies
+
+
+def chart_zones(
+    settings: Settings = SETTINGS, store: str = "", at_ms: int = T, viewer: str | None = None
+) -> dict[str, str | None]:
+    """The ``time_zone`` those two chart queries send OpenSearch (:func:`chart_bodies`), by index."""
+    bodies = chart_bodies(settings, store, at_ms, viewer)
+    histograms = {index: body["aggs"]["series"]["date_histogram"] for index, body in bodies.items()}
     assert {h["fixed_interval"] for h in histograms.values()} == {"21600s"}
     return {index.rsplit("-", 1)[-1]: h.get("time_zone") for index, h in histograms.items()}
 
@@ -314,3 +324,71 @@ def test_the_chart_buckets_start_on_the_clock_the_charts_are_shown_on(machine_zo
     assert set(chart_zones(Settings(), at_ms=T + 180 * 24 * 3_600_000).values()) == {"-04:00"}  # July: daylight time
     machine_zone("Asia/Kathmandu")
     assert set(chart_zones(Settings()).values()) == {"+05:45"}
+
+
+def test_a_chain_across_zones_starts_its_chart_buckets_on_the_viewers_zone() -> None:
+    """A chain across zones with no store chosen is shown in the viewer's browser zone, but its 6 h buckets started
+    on UTC's hours: 04:30, 10:30, 16:30 and 22:30 in Adelaide. The page now sends its zone and the buckets start on
+    it; the store's clock still wins where the charts have one (a store chosen, a chain in one zone)."""
+    assert set(chart_zones(viewer="Australia/Adelaide").values()) == {"Australia/Adelaide"}
+    assert set(chart_zones(viewer="Asia/Kathmandu").values()) == {"Asia/Kathmandu"}
+    assert set(chart_zones(viewer="Asia/Calcutta").values()) == {"Asia/Calcutta"}  # an old name browsers still give
+    assert set(chart_zones(store="S-NYC", viewer="Australia/Adelaide").values()) == {"America/New_York"}
+    one_zone = Settings(alerts={"timezone": "Asia/Kolkata"})
+    assert set(chart_zones(one_zone, viewer="Australia/Adelaide").values()) == {"Asia/Kolkata"}
+    assert set(chart_zones().values()) == {None}  # a page that sent no zone: UTC's hours, as before
+
+
+NOT_ZONES = [
+    "",
+    "Etc/Unknown",  # Chrome's where the system's zone is not known
+    "Mars/Olympus_Mons",
+    "europe/berlin",  # zoneinfo may find it on a case-blind disk; OpenSearch does not
+    "Europe/Berlin ",
+    "Europe/Berlin\n",
+    "Europe/Berlin\x00",
+    'Europe/Berlin", "script": {"source": "x"}, "x": "',
+    "../../../../etc/passwd",
+    "/usr/share/zoneinfo/Europe/Berlin",
+    "posix/Europe/Berlin",
+    "localtime",  # the machine's own zone, by a file of the zoneinfo folder
+    "Factory",
+    "+05:30",
+    "Europe/" + "x" * 200,
+    "Ευρώπη/Αθήνα",
+]
+
+
+def test_a_viewer_zone_is_taken_only_as_an_iana_zone_name_and_anything_else_changes_nothing() -> None:
+    """The zone is a request parameter: only a name this machine lists reaches the query, as written, and nothing
+    else of it; anything else (an unknown zone, a path, a quoted fragment, control characters, an endless name)
+    leaves the charts as they were (UTC's hours), answered, never refused: a 400 would stop the page refreshing."""
+    assert viewer_zone("Australia/Adelaide") == "Australia/Adelaide"
+    assert viewer_zone("America/Argentina/ComodRivadavia") == "America/Argentina/ComodRivadavia"
+    assert viewer_zone("Etc/GMT+5") == "Etc/GMT+5" and viewer_zone("UTC") == "UTC"
+    for text in NOT_ZONES:
+        assert viewer_zone(text) is None, text
+        bodies = chart_bodies(SETTINGS, "", T, text)
+        assert {body["aggs"]["series"]["date_histogram"].get("time_zone") for body in bodies.values()} == {None}
+        assert all(text not in json.dumps(body) for body in bodies.values() if text), text
+    assert viewer_zone(None) is None and viewer_zone(["Europe/Berlin"]) is None
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_the_live_page_sends_its_browser_zone_with_its_reads_but_not_in_its_links(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page did not say its zone, so the server could only start the buckets on UTC's hours."""
+    monkeypatch.setenv("TZ", "Australia/Adelaide")  # the viewer's browser
+    answers = {
+        "/api/config": [[200, {"refresh_ms": 3000, "window_minutes": 60}]],
+        "/api/overview": [[200, OVERVIEW]],
+        "/api/alerts": [[200, {"total": 0, "alerts": []}]],
+        "/api/faces": [[200, FACES]],
+    }
+    shown = run_page("app.js", answers, search="?store=S-NYC", runs=0)
+    reads = {r["url"].split("?")[0]: r["url"].split("?")[1] for r in shown["requests"] if "/api/config" not in r["url"]}
+    assert set(reads) == {"/api/overview", "/api/alerts", "/api/faces"}, shown["requests"]
+    assert all(q.endswith("&store=S-NYC&viewer_zone=Australia%2FAdelaide") for q in reads.values()), reads
+    links = run_page("common.js", scenario='return String(pageQuery({ minutes: 60, store: "", anchor: false }));')
+    assert links == "minutes=60&anchor=now"

@@ -69,9 +69,13 @@ function isoHere(ms) {
   return `${String(year).padStart(4, "0")}-${two(d.getMonth() + 1)}-${two(d.getDate())} ` +
     `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
 }
-const HERE_ZONE = (() => {
-  try { return Intl.DateTimeFormat().resolvedOptions().timeZone || "your browser's zone"; } catch (e) { return "your browser's zone"; }
+// The viewer's browser zone as IANA names it ("Australia/Adelaide"), "" where the browser does not say; sent with the
+// live and models pages' reads (getJson) so the server starts the charts' buckets on it where no store's clock is
+// theirs (a chain across zones, no store chosen): before, those started on UTC's hours, 04:30 and 10:30 in Adelaide.
+const VIEWER_ZONE = (() => {
+  try { return Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { return ""; }
 })();
+const HERE_ZONE = VIEWER_ZONE || "your browser's zone";
 // A time on the clock of the live and models pages, "YYYY-MM-DD hh:mm:ss": `local`, the time as the server gave it on
 // the store's clock ("2027-01-15 03:00:00 EST", where the page has one: one store, or one zone for the chain), else
 // the viewer's own zone (the status line names the clock, chartClock); null where no date holds the time.
@@ -79,9 +83,10 @@ function clockText(local, ms) {
   return (typeof local === "string" && local) || isoHere(ms);
 }
 // A chart's tick or tip for a point's time on that clock (clockText), shorter as the interval grows; before, always
-// UTC. The server starts the buckets on a store's clock at its whole hours; on the viewer's they start at UTC's, and
-// minutes are kept for an hour's bucket that starts off the hour there (a zone 30 or 45 minutes off UTC). A time no
-// date can hold is shown as it came (the charts put it in as text): it threw before, and no chart was drawn.
+// UTC. The server starts the buckets at the whole hours of a store's clock, or of the viewer's (VIEWER_ZONE); where
+// it does not know the viewer's zone they start at UTC's, and minutes are kept for an hour's bucket that starts off
+// the hour there (a zone 30 or 45 minutes off UTC). A time no date can hold is shown as it came (the charts put it in
+// as text): it threw before, and no chart was drawn.
 function fmtTime(t, intervalS, local) {
   const text = clockText(local, t);
   if (text === null) return String(t);
@@ -350,11 +355,14 @@ async function askJson(url, init = {}) {
   return { ok: r.ok && body !== null, status: r.status, body: body || {}, reason };
 }
 
-// The live and models pages' read of `path` for the page's window and store; a failure throws with the answer's
-// `error` or its status ("/api/overview: HTTP 502 Bad Gateway" for a proxy's page that is not JSON), and the
+// The live and models pages' read of `path` for the page's window and store, and the viewer's zone for the charts'
+// buckets (VIEWER_ZONE; not in the links between pages, which another viewer may open); a failure throws with the
+// answer's `error` or its status ("/api/overview: HTTP 502 Bad Gateway" for a proxy's page that is not JSON), and the
 // status as `status` (0 where nothing answered) for the page to choose between asking again and stopping.
 async function getJson(state, path) {
-  const answer = await askJson(`${path}?${pageQuery(state)}`);
+  const query = pageQuery(state);
+  if (VIEWER_ZONE) query.set("viewer_zone", VIEWER_ZONE);
+  const answer = await askJson(`${path}?${query}`);
   if (!answer.ok) throw Object.assign(new Error(answer.body.error || `${path}: ${answer.reason}`), { status: answer.status });
   return answer.body;
 }
