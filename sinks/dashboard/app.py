@@ -171,8 +171,9 @@ class Dashboard:
             latest = (answer.get("aggregations", {}).get("latest") or {}).get("value")
             if latest is not None:
                 end = int(latest) + 1
-        zone = chart_zone(store, self.settings.alerts, end, viewer_zone)  # the clock the charts are shown on
-        return Window(start_ms=end - minutes * 60_000, end_ms=end, store=store, zone=zone)
+        start = end - minutes * 60_000
+        zone = chart_zone(store, self.settings.alerts, start, end, viewer_zone)  # the clock the charts are shown on
+        return Window(start_ms=start, end_ms=end, store=store, zone=zone)
 
     def overview(self, window: Window) -> dict[str, Any]:
         shaped = shape_overview(self.search(self.transactions, overview_query(window)), window)

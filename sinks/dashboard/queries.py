@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from zoneinfo import available_timezones
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from infra.settings import AlertSettings
 from schemas.model_artifact import id_digest, is_fallback, model_of
@@ -410,17 +412,18 @@ def one_clock(store: str | None, alerts: AlertSettings) -> bool:
     return bool(store) or all(zone == alerts.timezone for zone in alerts.store_timezones.values())
 
 
-def chart_zone(store: str | None, alerts: AlertSettings, at_ms: int, viewer: object = None) -> str | None:
-    """The zone the charts' buckets of ``store`` (None: every store) start on (:meth:`Window.histogram`): that of the
-    one clock they are shown on (:func:`one_clock`; the store's zone as :func:`store_time` takes it), so their starts
-    read as whole hours there. Without ``CG_ALERTS__TIMEZONE``, the machine's zone, by its UTC offset at ``at_ms``
-    (OpenSearch needs a zone it can name: a window across that zone's DST change aligns to the offset at its end).
-    Where they have no one clock (a chain across zones, no store chosen) the page shows them in the viewer's browser
-    zone, which it sends as ``viewer``: that zone where :func:`viewer_zone` takes it (before, always UTC's hours: 6 h
-    buckets from 04:30 and 10:30 in Adelaide), else None, UTC's hours as before."""
+def chart_zone(
+    store: str | None, alerts: AlertSettings, start_ms: int, end_ms: int, viewer: object = None
+) -> str | None:
+    """The zone the charts' buckets of ``store`` (None: every store) over ``[start_ms, end_ms)`` start on
+    (:meth:`Window.histogram`): that of the one clock they are shown on (:func:`one_clock`; the store's zone as
+    :func:`store_time` takes it), so their starts read as whole hours there; without ``CG_ALERTS__TIMEZONE``, the
+    machine's zone (:func:`machine_zone`). Where they have no one clock (a chain across zones, no store chosen) the
+    page shows them in the viewer's browser zone, which it sends as ``viewer``: that zone where :func:`viewer_zone`
+    takes it (before, always UTC's hours: 6 h buckets from 04:30 and 10:30 in Adelaide), else None, UTC's hours."""
     if not one_clock(store, alerts):
         return viewer_zone(viewer)
-    return alerts.zone_of(store) or machine_offset(at_ms)
+    return alerts.zone_of(store) or machine_zone(start_ms, end_ms)
 
 
 VIEWER_ZONE_MAX = 64
@@ -459,6 +462,53 @@ def machine_offset(at_ms: int) -> str:
         offset = None
     minutes = round(offset.total_seconds() / 60) if offset is not None else 0
     return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+LOCALTIME = Path("/etc/localtime")
+"""Where the system names its zone: a link into its zoneinfo folder (``.../zoneinfo/Europe/Berlin``)."""
+DAY_MS = 86_400_000
+
+
+def machine_zone(start_ms: int, end_ms: int, localtime: Path | None = None) -> str:
+    """This machine's zone over ``[start_ms, end_ms)`` as OpenSearch takes it: its IANA name where the system's link
+    names one (:func:`localtime_name`; ``localtime``: that link, :data:`LOCALTIME` by default) and that zone gives the
+    UTC offset of this process's own clock all through the window (at its start, its end and each day between: ``TZ``
+    may set another zone), so buckets across a DST change start on its hours on both sides; else its offset at the
+    window's end (:func:`machine_offset`), which aligns the buckets before a change an hour off."""
+    name = localtime_name(LOCALTIME if localtime is None else localtime)
+    if name is not None and keeps_local_offsets(name, start_ms, end_ms):
+        return name
+    return machine_offset(end_ms)
+
+
+def localtime_name(localtime: Path) -> str | None:
+    """The zone the link ``localtime`` names, as tzlocal reads it: its target's path past ``/zoneinfo/``
+    (``/usr/share/zoneinfo/Europe/Berlin``: ``Europe/Berlin``), the link itself first, then where its links end;
+    None where it is no link (a copied file) or names no zone this machine lists (:func:`known_zones`)."""
+    try:
+        targets = (os.readlink(localtime), os.path.realpath(localtime))
+    except (OSError, ValueError):
+        return None
+    for target in targets:
+        _, found, name = target.rpartition("/zoneinfo/")
+        if found and name in known_zones():
+            return name
+    return None
+
+
+def keeps_local_offsets(name: str, start_ms: int, end_ms: int) -> bool:
+    """Whether the zone ``name`` gives the UTC offset of this process's clock at ``start_ms``, ``end_ms`` and each day
+    between (a zone's offsets hold for weeks at least: a day apart misses no difference; about 400 points at most)."""
+    try:
+        zone = ZoneInfo(name)
+        step = max(DAY_MS, (end_ms - start_ms) // 400)
+        for at_ms in (*range(start_ms, end_ms, step), end_ms):
+            moment = datetime.fromtimestamp(at_ms / 1000, tz=UTC)
+            if moment.astimezone().utcoffset() != moment.astimezone(zone).utcoffset():
+                return False
+    except (ZoneInfoNotFoundError, OverflowError, OSError, ValueError):
+        return False
+    return True
 
 
 def with_store_times(shaped: dict[str, Any], store: str | None, alerts: AlertSettings) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +18,9 @@ from starlette.testclient import TestClient
 
 from infra.settings import Settings
 from sinks.alerts.message import describe
+from sinks.dashboard import queries
 from sinks.dashboard.app import Dashboard, create_app
-from sinks.dashboard.queries import viewer_zone
+from sinks.dashboard.queries import keeps_local_offsets, localtime_name, viewer_zone
 from tests.unit.dashboard_pages import NODE, facts, run_page
 from tests.unit.test_dashboard_live_page import FACES, OVERVIEW
 
@@ -297,20 +299,31 @@ def chart_zones(
     return {index.rsplit("-", 1)[-1]: h.get("time_zone") for index, h in histograms.items()}
 
 
-@pytest.fixture
-def machine_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
-    """Sets this process's own zone (``TZ``) for a test, and puts it back after."""
+MachineZone = Callable[..., None]
 
-    def use(zone: str) -> None:
+
+@pytest.fixture
+def machine_zone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[MachineZone]:
+    """Sets this process's own zone (``TZ``) for a test, and the system's link naming its zone (``named``; None: a
+    copied file, naming none), whatever this machine's are; puts them back after."""
+
+    def use(zone: str, named: str | None = None) -> None:
         monkeypatch.setenv("TZ", zone)
         time.tzset()
+        link = tmp_path / "localtime"
+        link.unlink(missing_ok=True)
+        if named is None:
+            link.write_bytes(b"TZif")
+        else:
+            link.symlink_to(tmp_path / "share" / "zoneinfo" / named)
+        monkeypatch.setattr(queries, "LOCALTIME", link)
 
     yield use
     monkeypatch.undo()
     time.tzset()
 
 
-def test_the_chart_buckets_start_on_the_clock_the_charts_are_shown_on(machine_zone: Callable[[str], None]) -> None:
+def test_the_chart_buckets_start_on_the_clock_the_charts_are_shown_on(machine_zone: MachineZone) -> None:
     """The charts' 3, 6 and 12 h buckets started on UTC's hours whatever clock the page showed them on: 19:00, 01:00,
     07:00 and 13:00 in New York, 05:30 and 11:30 in Kolkata. They now start on that clock, its midnight and every 6 h
     after (OpenSearch's ``time_zone``), by the live page's rule: the store chosen's zone or the chain's one zone; a
@@ -392,3 +405,46 @@ def test_the_live_page_sends_its_browser_zone_with_its_reads_but_not_in_its_link
     assert all(q.endswith("&store=S-NYC&viewer_zone=Australia%2FAdelaide") for q in reads.values()), reads
     links = run_page("common.js", scenario='return String(pageQuery({ minutes: 60, store: "", anchor: false }));')
     assert links == "minutes=60&anchor=now"
+
+
+MARCH = 1_805_544_000_000  # 2027-03-20 12:00 UTC: a 10-day window ending then holds New York's change to EDT (03-14)
+YEAR_START, YEAR_END = 1_799_928_000_000, 1_831_550_400_000  # 2027-01-14 and 2028-01-15 12:00 UTC: winter both
+
+
+def test_the_machines_zone_is_named_where_the_system_names_it_so_a_window_across_dst_aligns(
+    machine_zone: MachineZone,
+) -> None:
+    """Without ``CG_ALERTS__TIMEZONE`` the buckets took the machine's UTC offset at the window's end: in a window
+    across a DST change those before it started an hour off the machine's hours (01, 07, 13 and 19 EST for a window
+    ending in EDT). The zone is now named where the system's link names it, so they start on its hours on both sides;
+    only where that name is the clock this process keeps all through the window, else the offset as before."""
+    machine_zone("America/New_York", named="America/New_York")
+    assert set(chart_zones(Settings(), at_ms=MARCH).values()) == {"America/New_York"}  # before: -04:00
+    assert set(chart_zones(Settings()).values()) == {"America/New_York"}
+    assert set(chart_zones(store="S-NYC").values()) == {"America/New_York"}  # a store's zone still wins
+    machine_zone("America/New_York", named="Etc/UTC")  # TZ sets another zone than the link's
+    assert set(chart_zones(Settings(), at_ms=MARCH).values()) == {"-04:00"}
+    machine_zone("America/New_York")  # the link is a copied file: no name
+    assert set(chart_zones(Settings(), at_ms=MARCH).values()) == {"-04:00"}
+    machine_zone("America/Phoenix", named="America/Denver")  # the same offset in winter, not in summer
+    assert queries.machine_zone(T - 10 * 24 * 3_600_000, T) == "America/Denver"  # no difference in that window
+    assert not keeps_local_offsets("America/Denver", YEAR_START, YEAR_END)  # both ends in winter: the summer differs
+    assert queries.machine_zone(YEAR_START, YEAR_END) == "-07:00"
+    assert queries.machine_zone(MARCH - 10 * 24 * 3_600_000, MARCH) == "-07:00"
+    assert queries.machine_zone(-(10**20), 10**20) == "+00:00"  # no date holds the window: UTC's, as before
+
+
+def test_the_systems_link_names_a_zone_only_past_its_zoneinfo_folder(tmp_path: Path) -> None:
+    def link(name: str, target: Path) -> Path:
+        (path := tmp_path / name).symlink_to(target)
+        return path
+
+    release = tmp_path / "tz" / "2027a.1.0" / "zoneinfo"  # a system keeping each tzdata release in a folder of its own
+    assert localtime_name(link("versioned", release / "Europe/Berlin")) == "Europe/Berlin"
+    assert localtime_name(link("chained", link("hop", tmp_path / "zoneinfo" / "Asia/Kolkata"))) == "Asia/Kolkata"
+    assert localtime_name(link("posix", tmp_path / "zoneinfo" / "posix/Europe/Berlin")) is None
+    assert localtime_name(link("unknown", tmp_path / "zoneinfo" / "Mars/Olympus_Mons")) is None
+    assert localtime_name(link("elsewhere", tmp_path / "Europe/Berlin")) is None
+    assert localtime_name(tmp_path / "missing") is None
+    (copied := tmp_path / "copied").write_bytes(b"TZif")
+    assert localtime_name(copied) is None
