@@ -22,6 +22,7 @@ from schemas.identifiers import check_actor
 from sinks.dashboard.app import DashboardConfigError, create_app
 from sinks.dashboard.case_routes import FirstVerdictPublisher
 from sinks.dashboard.login import hash_password
+from sinks.dashboard.outcome_reader import AuditOutcomes
 
 MIN_PASSWORD = 12
 
@@ -43,16 +44,25 @@ def export_metrics(settings: Settings) -> tuple[ConsumerLagCollector, Endpoint]:
     return collector, serve(settings, "dashboard")
 
 
-def close_by(deadline: float, lag: ConsumerLagCollector, endpoint: Endpoint, commands: FirstVerdictPublisher) -> None:
-    """After the web server: stop the lag thread, close the metrics endpoint (as the Webex bot closes its own) and flush
-    the command publisher, side by side, by ``deadline`` (1 s before the supervisor's SIGKILL); what is not done by
-    then is given up with a WARNING. Before, none was closed: the lag thread's Kafka read, the endpoint's server (still
-    answering /healthz through the stop) and the producer were cut by the process's end."""
+def close_by(
+    deadline: float,
+    lag: ConsumerLagCollector,
+    endpoint: Endpoint,
+    commands: FirstVerdictPublisher,
+    outcomes: AuditOutcomes | None = None,
+) -> None:
+    """After the web server: stop the lag thread, close the metrics endpoint (as the Webex bot closes its own), flush
+    the command publisher and end the read of their outcomes, side by side, by ``deadline`` (1 s before the
+    supervisor's SIGKILL); what is not done by then is given up with a WARNING. Before, none was closed: the lag
+    thread's Kafka read, the endpoint's server (still answering /healthz through the stop) and the producer were cut by
+    the process's end."""
     calls: list[tuple[str, Callable[[], object]]] = [
         ("consumer-lag-stop", lambda: lag.stop(time_left(deadline))),
         ("metrics-endpoint-close", endpoint.close),
         ("dashboard-commands-close", lambda: commands.close(time_left(deadline))),
     ]
+    if outcomes is not None:
+        calls.append(("dashboard-outcomes-close", lambda: outcomes.close(time_left(deadline))))
     for (name, _), done in zip(calls, all_done_by(calls, deadline), strict=True):
         if not done.done():
             log.warning("dashboard: %s not done before the supervisor's stop timeout; given up", name)
@@ -74,8 +84,9 @@ def main(
     logging.getLogger("opensearch").setLevel(logging.WARNING)  # one line per request otherwise
     bind_host, bind_port = host or settings.dashboard.host, port or settings.dashboard.port
     commands = FirstVerdictPublisher(settings)
+    outcomes = AuditOutcomes(settings)
     try:
-        app = create_app(settings, host=bind_host, publish=commands)
+        app = create_app(settings, host=bind_host, publish=commands, outcomes=outcomes)
     except DashboardConfigError as exc:
         typer.echo(f"dashboard not started: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -99,7 +110,7 @@ def main(
             log_level="warning",
         )
     finally:
-        close_by(deadline or exit_deadline(settings.supervisor.stop_timeout_s), lag, endpoint, commands)
+        close_by(deadline or exit_deadline(settings.supervisor.stop_timeout_s), lag, endpoint, commands, outcomes)
 
 
 @cli.command("hash-password")

@@ -24,7 +24,7 @@ the page's browser zone, which the charts' buckets start on where no store's clo
   per stage, consumer-group lag, dead letters, deliveries, p99 per stage; Prometheus unreachable is a
   200 with ``error`` set (the page says so), never a 500
 - ``GET /pipeline``      the pipeline-health page over it
-- ``/cases``, ``/cases/{case_id}``, ``/api/cases...``  the case queue, the case page and verdicts
+- ``/cases``, ``/cases/{case_id}``, ``/api/cases...``  the case queue, the case page, verdicts and their outcomes
   (sinks/dashboard/case_routes.py)
 
 Snapshots are looked up by alert id (the page never sees or sends image refs) and served only for
@@ -71,7 +71,7 @@ from schemas.errors import CheckoutGuardError
 from schemas.images import PIL_FORMATS, image_type
 from schemas.indices import index_name
 from schemas.model_artifact import artifact_version, read_trained_ids, version_folders
-from sinks.dashboard.case_routes import CaseRoutes, Publish
+from sinks.dashboard.case_routes import CaseRoutes, Outcomes, Publish
 from sinks.dashboard.headers import IMAGE_HEADERS, SecurityHeaders, server_error
 from sinks.dashboard.login import LoginBackend, LoginConfigError, _secret
 from sinks.dashboard.pipeline import PrometheusApi, prometheus_api, read_pipeline
@@ -339,10 +339,12 @@ class _DashboardApi:
     """The endpoints over one ``Dashboard``; a class so each handler stays small. Handlers are sync on
     purpose: Starlette runs them in its thread pool, so a slow OpenSearch does not block the event loop."""
 
-    def __init__(self, settings: Settings, board: Dashboard, publish: Publish | None = None) -> None:
+    def __init__(
+        self, settings: Settings, board: Dashboard, publish: Publish | None = None, outcomes: Outcomes | None = None
+    ) -> None:
         self.settings = settings
         self.board = board
-        self.cases = CaseRoutes(board, _page, publish)
+        self.cases = CaseRoutes(board, _page, publish, outcomes)
 
     def routes(self) -> list[BaseRoute]:
         board = self.board
@@ -476,10 +478,16 @@ class LoopbackHostOnly:
 
 
 def create_app(
-    settings: Settings, dashboard: Dashboard | None = None, *, host: str | None = None, publish: Publish | None = None
+    settings: Settings,
+    dashboard: Dashboard | None = None,
+    *,
+    host: str | None = None,
+    publish: Publish | None = None,
+    outcomes: Outcomes | None = None,
 ) -> Starlette:
     """The ASGI app, behind the login when one is configured; ``dashboard`` is injectable so tests can
     point it at their own indices. ``host``: the address it will listen on (default ``dashboard.host``);
+    ``publish`` and ``outcomes``: the case page's verdicts sent and their outcomes read (:class:`CaseRoutes`);
     raises :class:`DashboardConfigError` where it must not be served without a login."""
     check_exposure(settings.dashboard, host or settings.dashboard.host)
     try:
@@ -491,7 +499,7 @@ def create_app(
         middleware.append(Middleware(AuthenticationMiddleware, backend=backend, on_error=backend.challenge))
     else:  # open on loopback only (check_exposure): to requests addressed there, not to a rebound name
         middleware.append(Middleware(LoopbackHostOnly))
-    api = _DashboardApi(settings, dashboard or Dashboard(settings), publish)
+    api = _DashboardApi(settings, dashboard or Dashboard(settings), publish, outcomes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

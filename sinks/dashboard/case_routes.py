@@ -15,9 +15,12 @@ functions of :mod:`sinks.dashboard.cases`.
 - ``POST /api/cases/{case_id}/verdict``  ``{"verb": "confirm"|"dismiss"|"escalate"|"assign"|"note",
   "text": ..., "fraud": bool, "request_id": ...}`` (``request_id``, required: the client's id of one submission,
   which makes the command id: sent twice, it is one command the case service applies once; without it, 400):
-  published as a signed command in the logged-in person's name (202), which the case service applies; the page
-  then polls the case for its next version. One the case service would refuse as the indexed case stands (a verdict
-  on a decided case, ``fraud`` on a case without a transaction) is answered 409 with the reason and not published
+  published as a signed command in the logged-in person's name (202, with its ``command_id``), which the case service
+  applies or refuses. One the case service would refuse as the indexed case stands (a verdict on a decided case,
+  ``fraud`` on a case without a transaction) is answered 409 with the reason and not published
+- ``GET  /api/cases/{case_id}/commands/{command_id}``  what the case service made of that verdict, read from
+  ``audit`` (:mod:`sinks.dashboard.outcomes`): ``pending``, ``applied``, ``unchanged`` or ``refused`` with the reason
+  in plain words; told only to the person who gave it (another's reads ``pending``), 503 while ``audit`` cannot be read
 
 A verdict needs a personal login (HTTP Basic; the ``token`` login reads only) of a person on the allow-list
 (``CG_WEBEX__ALLOWED_PEOPLE``, the same list the Webex bot and the case service use) and a JSON body (a
@@ -30,7 +33,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from opensearchpy.exceptions import TransportError
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +50,7 @@ from schemas.indices import index_name
 from schemas.records import BotCommand
 from sinks.dashboard.cases import (
     CASE_SOURCE,
+    COMMAND_ID_RE,
     DEFAULT_QUEUE_STATE,
     IMAGE_KINDS,
     MAX_TEXT,
@@ -64,12 +68,22 @@ from sinks.dashboard.cases import (
 )
 from sinks.dashboard.headers import IMAGE_HEADERS, LINKED_IMAGE_HEADERS
 from sinks.dashboard.login import _secret, opened_by_link
+from sinks.dashboard.outcome_reader import AuditOutcomes
+from sinks.dashboard.outcomes import CommandOutcome, outcome_answer, outcome_for
 from sinks.dashboard.queries import transaction_by_id_query
 
 log = logging.getLogger(__name__)
 MAX_FIGURE_DAYS = 366
 MAX_BODY_BYTES = 4096
 Publish = Callable[[BotCommand, Headers], None]
+
+
+class Outcomes(Protocol):
+    """Where the case page's command outcomes are read (:class:`~sinks.dashboard.outcome_reader.AuditOutcomes`)."""
+
+    def get(self, command_id: str) -> CommandOutcome | None: ...
+
+    def problem(self) -> str | None: ...
 
 
 def _unavailable(exc: TransportError) -> JSONResponse:
@@ -133,15 +147,23 @@ class FirstVerdictPublisher:
 
 class CaseRoutes:
     """Case endpoints over a ``Dashboard`` (its OpenSearch search, image store, settings and clock).
-    ``publish`` sends a command (default: a :class:`FirstVerdictPublisher`, its owner's to close)."""
+    ``publish`` sends a command (default: a :class:`FirstVerdictPublisher`, its owner's to close); ``outcomes`` reads
+    what became of one (default: an :class:`AuditOutcomes`, its owner's to close)."""
 
-    def __init__(self, board: Any, page: Callable[[str], Response], publish: Publish | None = None) -> None:
+    def __init__(
+        self,
+        board: Any,
+        page: Callable[[str], Response],
+        publish: Publish | None = None,
+        outcomes: Outcomes | None = None,
+    ) -> None:
         self.board = board
         self.settings = board.settings
         self.index = index_name(self.settings.opensearch.index_prefix, "cases")
         self.page = page
         self._publish = publish if publish is not None else FirstVerdictPublisher(self.settings)
         self._publish_lock = threading.Lock()
+        self.outcomes = outcomes if outcomes is not None else AuditOutcomes(self.settings)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -151,6 +173,7 @@ class CaseRoutes:
             Route("/api/cases", self.queue),
             Route("/api/cases/figures", self.figures),
             Route("/api/cases/{case_id:str}/verdict", self.verdict, methods=["POST"]),
+            Route("/api/cases/{case_id:str}/commands/{command_id:str}", self.outcome),
             Route("/api/cases/{case_id:str}", self.case),
         ]
 
@@ -234,12 +257,20 @@ class CaseRoutes:
 
     # ------------------------------------------------------------------ the verdict
 
-    def decider(self, request: Request) -> tuple[str | None, str]:
-        """Who may decide from this request: ``(person, "")``, or ``(None, why not)``."""
+    @staticmethod
+    def person(request: Request) -> str | None:
+        """The personal login of this request (not the token's, nor an image link's), or None."""
         user = request.scope.get("user")
         name = getattr(user, "username", None) if getattr(user, "is_authenticated", False) else None
         scopes = getattr(request.scope.get("auth"), "scopes", ())
         if not name or name in ("token", "image-link") or "authenticated" not in scopes:
+            return None
+        return str(name)
+
+    def decider(self, request: Request) -> tuple[str | None, str]:
+        """Who may decide from this request: ``(person, "")``, or ``(None, why not)``."""
+        name = self.person(request)
+        if name is None:
             return None, (
                 "a verdict needs a personal login (CG_DASHBOARD__USERS, or CG_DASHBOARD__USERNAME/PASSWORD): the case "
                 "records who decided"
@@ -300,6 +331,27 @@ class CaseRoutes:
             "%s %s by %s from the dashboard (command %s)", command.verb, case_id, person_tag(person), command.command_id
         )
         return JSONResponse({"command_id": command.command_id, "verb": command.verb.lower()}, status_code=202)
+
+    def outcome(self, request: Request) -> Response:
+        """What the case service made of one of this person's verdicts (see the module's list)."""
+        case_id, command_id = request.path_params["case_id"], request.path_params["command_id"]
+        if not _is_case_id(case_id) or COMMAND_ID_RE.fullmatch(command_id) is None:
+            return _error(404, "no such verdict: a case page's command id is dashboard- and 32 hex digits")
+        person = self.person(request)
+        if person is None:
+            return _error(403, "only the person who gave a verdict is told what became of it: log in as yourself")
+        outcome = outcome_for(self.outcomes.get(command_id), person, case_id)
+        problem = self.outcomes.problem()
+        if outcome is None and problem is not None:
+            return _error(503, f"the case service's answers cannot be read now: {problem}")
+        case = None
+        if outcome is not None:
+            try:
+                case = self.find(case_id, REFUSAL_FIELDS + ("store_id",))
+            except TransportError as exc:  # the outcome still says the most: only who decided, and when, is left out
+                log.warning("OpenSearch query failed: %s", type(exc).__name__)
+        answer = outcome_answer(command_id, outcome, case, self.settings.alerts)
+        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
     def publisher(self, command: BotCommand, headers: Headers) -> None:
         with self._publish_lock:  # one verdict at a time

@@ -269,6 +269,11 @@ REQUEST_ID_RULE = (
 )
 
 
+DASHBOARD_COMMAND_PREFIX = "dashboard-"
+COMMAND_ID_RE = re.compile(rf"{DASHBOARD_COMMAND_PREFIX}[0-9a-f]{{32}}")
+"""The command id of a verdict given on the case page (:func:`command_id_for`): the prefix and 32 hex digits."""
+
+
 def command_id_for(case_id: str, actor: str, request_id: object) -> str:
     """The command id of a verdict: the same for every send of one submission (``request_id``, made by the page for
     each press), so the case service, which applies a command id once, applies a double click or a resend once;
@@ -280,7 +285,7 @@ def command_id_for(case_id: str, actor: str, request_id: object) -> str:
     if not isinstance(request_id, str) or REQUEST_ID_RE.fullmatch(request_id) is None:
         raise InvalidRecord("bad_command", f"request_id is {REQUEST_ID_RULE}")
     digest = hashlib.sha256("\n".join((case_id, actor.lower(), request_id)).encode()).hexdigest()
-    return f"dashboard-{digest[:32]}"
+    return f"{DASHBOARD_COMMAND_PREFIX}{digest[:32]}"
 
 
 def verdict_command(

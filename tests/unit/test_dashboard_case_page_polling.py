@@ -148,11 +148,13 @@ def test_a_verdict_refused_for_the_login_says_it_was_not_recorded_and_to_log_in_
     assert first["result"] == "log in — confirm was not recorded: log in again (reload the page)"
 
 
-# Confirm pressed, the verdict recorded, and the next 31 s of the page's clock run.
+# Confirm pressed, the verdict recorded, and the next 31 s of the page's clock run (its outcome, asked by its command
+# id, never answered: the case's next version is then the only sign).
 WAITING = """
 h.nodes.verdict.handlers.click({ target: { closest: () => h.buttons[0] } });
 await h.run({ until: 31000 });
-return { reads: h.requests.filter((r) => r.method === "GET").map((r) => r.at), result: h.nodes["v-result"] };
+const reads = h.requests.filter((r) => r.method === "GET" && !r.url.includes("/commands/")).map((r) => r.at);
+return { reads, result: h.nodes["v-result"] };
 """
 
 
@@ -169,7 +171,7 @@ def test_a_recorded_verdict_waits_for_the_case_by_the_growing_wait_once_a_read_o
     # the page's own read, then the wait's first read a second after the verdict, then 3, 6 and 12 s after each failure
     assert shown["reads"] == [0, 1000, 4000, 10_000, 22_000], shown
     assert shown["result"]["className"] == "status error"
-    assert shown["result"]["textContent"].startswith("confirm was recorded, but the case has not changed in 30 s")
+    assert shown["result"]["textContent"].startswith("confirm was sent, but the case service has not answered in 30 s")
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js not installed")
@@ -186,3 +188,89 @@ def test_a_recorded_verdict_shows_the_cases_new_state_once_a_read_shows_its_next
     shown = run_page("case.js", answers, path="/cases/case-0123456789ab", scenario=WAITING)
     assert shown["reads"] == [0, 1000, 4000], shown
     assert shown["result"]["textContent"] == "confirm: the case is now confirmed (version 2)."
+
+
+# Confirm pressed, the verdict sent, the page's clock run to `until`; what it said at each second asked for.
+OUTCOME = """
+h.nodes.verdict.handlers.click({ target: { closest: () => h.buttons[0] } });
+const said = {};
+for (const at of %s) {
+  await h.run({ until: at });
+  said[at] = { text: h.nodes["v-result"].textContent, html: h.nodes["v-result"].innerHTML,
+               className: h.nodes["v-result"].className, enabled: !h.buttons[0].disabled };
+}
+const asked = h.requests.filter((r) => r.url.includes("/commands/")).map((r) => [r.at, r.url]);
+return { said, asked, body: { ...document.body.dataset } };
+"""
+COMMAND_ID = "dashboard-0123456789abcdef0123456789abcdef"
+OUTCOME_PATH = f"/api/cases/case-0123456789ab/commands/{COMMAND_ID}"
+PENDING = [200, {"command_id": COMMAND_ID, "outcome": "pending"}]
+
+
+def _outcome(case_reads: list[Any], outcomes: list[Any], at: list[int]) -> dict[str, Any]:
+    """The case page's verdict line at each of ``at`` (ms) after Confirm, the case read ``case_reads`` and the
+    verdict's outcome ``outcomes`` in turn."""
+    answers = {
+        "/api/cases/case-0123456789ab": case_reads,
+        "POST /api/cases/case-0123456789ab/verdict": [[202, {"command_id": COMMAND_ID, "verb": "confirm"}]],
+        OUTCOME_PATH: outcomes,
+    }
+    shown: dict[str, Any] = run_page("case.js", answers, path="/cases/case-0123456789ab", scenario=OUTCOME % at)
+    return shown
+
+
+def _refused(reason: str) -> list[Any]:
+    return [200, {"command_id": COMMAND_ID, "outcome": "refused", "verb": "confirm", "reason": reason}]
+
+
+MINE = [200, {"case": CASE, "transaction": None, "you": "guard@example.com"}]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_verdict_the_case_service_refuses_is_said_refused_with_its_reason_as_text_within_seconds() -> None:
+    """A refusal other than a race (too old, off the service's allow-list, a malformed command, an unknown case) left
+    the page at "has not changed in 30 s … the audit says why", without the reason."""
+    reason = 'you are not on the case service\'s allow-list <img src=x onerror="alert(1)">'
+    shown = _outcome([MINE], [PENDING, _refused(reason)], [1500, 2500, 31_000])
+    assert shown["said"]["1500"]["text"] == f"confirm sent ({COMMAND_ID}); waiting for the case service's answer…"
+    said = shown["said"]["2500"]
+    assert said["text"] == f"confirm was refused: {reason}", shown
+    assert said["html"] == "" and said["className"] == "status error" and said["enabled"]  # text, never markup
+    assert [at for at, _ in shown["asked"]] == [1000, 2000], "asked by its command id until it answered, no more"
+    assert shown["asked"][0][1] == OUTCOME_PATH and shown["body"].get("refused") == "confirm"
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_verdict_refused_in_a_race_says_refused_and_who_decided_not_that_the_case_is_now_decided() -> None:
+    """Someone else's verdict came first: the case's next version (the refusal's note) read as this verdict's doing,
+    "confirm: the case is now dismissed"."""
+    decided = {**CASE, "state": "dismissed", "version": 3, "decided_by": "lead@example.com"}
+    reason = "case-0123456789ab is already dismissed: cannot confirm it (dismissed by lead@example.com at 2027-01-15"
+    reads = [MINE, [200, {"case": decided, "transaction": None, "you": "guard@example.com"}]]
+    shown = _outcome(reads, [PENDING, PENDING, _refused(reason)], [1500, 3500])
+    assert shown["said"]["1500"]["text"].startswith("confirm sent"), shown
+    assert shown["said"]["3500"]["text"] == f"confirm was refused: {reason}"
+    assert "decided" not in shown["body"]
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_an_applied_verdict_is_said_applied_once_the_cases_new_version_is_shown() -> None:
+    applied = [200, {"command_id": COMMAND_ID, "outcome": "applied", "verb": "confirm"}]
+    decided = [200, {"case": {**CASE, "state": "confirmed", "version": 2}, "transaction": None, "you": None}]
+    shown = _outcome([MINE, MINE, decided], [applied], [1500, 2500])
+    assert shown["said"]["1500"]["text"] == "confirm applied; waiting for the case's new version…", shown
+    assert shown["said"]["2500"]["text"] == "confirm applied: the case is now confirmed (version 2)."
+    assert shown["body"]["decided"] == "confirm" and len(shown["asked"]) == 1
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+def test_a_verdict_unanswered_for_30_s_frees_the_buttons_and_is_still_told_when_the_service_answers() -> None:
+    """The case service down for a while: its answer (here: the verdict came too late) is shown when it comes."""
+    reason = "it reached the case service too late (issued 1200 s ago, outside the accepted window)"
+    shown = _outcome([MINE], [*[PENDING] * 31, _refused(reason)], [31_000, 45_000, 80_000])
+    waiting = shown["said"]["31000"]
+    assert waiting["text"].startswith("confirm was sent, but the case service has not answered in 30 s"), shown
+    assert waiting["enabled"] and waiting["className"] == "status error"
+    assert shown["said"]["45000"]["text"].startswith("confirm was sent, but the case service has not answered")
+    assert shown["said"]["80000"]["text"] == f"confirm was refused: {reason}"
+    assert [at for at, _ in shown["asked"]][29:] == [30_000, 40_000, 50_000], "every 10 s after the first 30 s"

@@ -1,6 +1,7 @@
 // The case page alert messages link to: the live snapshot beside the enrolled reference, the case and its
-// transaction, the notes, and the verdict buttons. A verdict is posted as JSON; the case service applies it,
-// so the page waits for the case's next version before it shows the new state.
+// transaction, the notes, and the verdict buttons. A verdict is posted as JSON; the case service applies or refuses
+// it, so the page asks what became of that command (by its id) and says so: applied, with the case's new state, or
+// refused and why.
 "use strict";
 
 // A time of the case (opened_at, ...) as its alert's message gives it, in its store's zone (the server's
@@ -24,6 +25,15 @@ let you = null;
 let busy = false;
 // The submission a send went unanswered for (the network dropped it): sending the same again reuses its id.
 let unanswered = null;
+// The verdict last sent and what became of it: { verb, id (its command id), before (the case's version then),
+// outcome (the answer of /commands/<id> once it is not "pending"), failed (the last ask of it failed) }.
+let watched = null;
+// After a verdict is sent its outcome (and the case) is asked every second for ANSWER_TRIES s, the buttons off; with no
+// answer by then the buttons come back on and the outcome is asked every LATER_MS for at most LATER_TRIES times more
+// (the case service down for a while answers when it is back: the verdict applied, or refused as too old).
+const ANSWER_TRIES = 30;
+const LATER_MS = 10000;
+const LATER_TRIES = 360;
 // An undecided case is read again every POLL_MS, the next read set once the last one is answered (a slow answer
 // never overlaps the next). After a 5xx or no answer (the dashboard or OpenSearch away for a while) the case is asked
 // again after 3 s, then twice as long each time up to 30 s (common.js's readFailed). A 4xx says the request itself is
@@ -155,6 +165,8 @@ async function send(verb, fraud) {
   const key = JSON.stringify([verb, text, fraud]);
   const request_id = unanswered && unanswered.key === key ? unanswered.id : newRequestId();
   unanswered = { key, id: request_id };
+  watched = null;  // the verdict sent before is no longer followed: this one's answer is what the line says
+  delete document.body.dataset.refused;
   result.className = "status";
   result.textContent = `sending ${verb}…`;
   const answer = await askJson(`/api/cases/${encodeURIComponent(caseId)}/verdict`, {
@@ -175,26 +187,82 @@ async function send(verb, fraud) {
     return;
   }
   unanswered = null;
-  const body = answer.body;
-  result.textContent = `${verb} recorded (${body.command_id}); waiting for the case service…`;
-  for (let i = 0; i < 30; i++) {
+  const w = { verb, id: answer.body.command_id, before, outcome: null, failed: false };
+  watched = w;
+  result.textContent = `${verb} sent (${w.id}); waiting for the case service's answer…`;
+  for (let i = 0; i < ANSWER_TRIES; i++) {
     await new Promise((ok) => setTimeout(ok, 1000));
+    if (!w.outcome) await askOutcome(w);
     // read every second, but after a failed read by the growing wait only: its next read updates `current`
     if (!reading.failures && !(current && current.version > before)) await load();
-    const c = current;
     if (reading.stopped) {
       result.className = "status error";
-      result.textContent = `${verb} was recorded, but the case can no longer be read: see above.`;
+      result.textContent = `${verb} was sent, but the case can no longer be read: see above.`;
       return;
     }
-    if (c && c.version > before) {
-      result.textContent = `${verb}: the case is now ${c.state} (version ${c.version}).`;
-      document.body.dataset.decided = verb;
-      return;
-    }
+    if (told(w, result, false)) return;
   }
+  if (told(w, result, true)) return;
   result.className = "status error";
-  result.textContent = `${verb} was recorded, but the case has not changed in 30 s: is the case service running? (the audit says why it refused, if it did)`;
+  result.textContent = `${verb} was sent, but the case service has not answered in 30 s: is it running? This page keeps asking and says what it answers.`;
+  setTimeout(() => later(w, 1), LATER_MS);
+}
+
+// Asks what became of `w`'s command; an answer other than "pending" is kept. A failed ask (the dashboard cannot read
+// the case service's answers: 503, or no answer) is remembered: the case's next version is then the sign left.
+async function askOutcome(w) {
+  const answer = await askJson(`/api/cases/${encodeURIComponent(caseId)}/commands/${encodeURIComponent(w.id)}`);
+  w.failed = !answer.ok;
+  if (answer.ok && answer.body.outcome && answer.body.outcome !== "pending") w.outcome = answer.body;
+}
+
+// Says what became of `w`, where its outcome (or, its outcome unreadable or `final`, the case's next version) tells;
+// whether it did. Text only (textContent): the reason is the case service's words.
+function told(w, result, final) {
+  const o = w.outcome, c = current;
+  const newer = c && c.version > w.before;
+  if (o && o.outcome === "refused") {
+    result.className = "status error";
+    result.textContent = `${w.verb} was refused: ${o.reason}`;
+    document.body.dataset.refused = w.verb;
+    return true;
+  }
+  if (o && o.outcome === "unchanged") {
+    result.className = "status";
+    result.textContent = `${w.verb}: nothing changed (${o.reason}).`;
+    document.body.dataset.decided = w.verb;
+    return true;
+  }
+  if (o && o.outcome === "applied") {
+    if (newer) {
+      result.className = "status";
+      result.textContent = `${w.verb} applied: the case is now ${c.state} (version ${c.version}).`;
+      document.body.dataset.decided = w.verb;
+      return true;
+    }
+    result.textContent = final
+      ? `${w.verb} applied, but the case's new version is not shown yet (is the OpenSearch sink running?): it shows once it is.`
+      : `${w.verb} applied; waiting for the case's new version…`;
+    return final;
+  }
+  if (newer && (w.failed || final)) {
+    result.className = "status";
+    result.textContent = `${w.verb}: the case is now ${c.state} (version ${c.version}).`;
+    document.body.dataset.decided = w.verb;
+    return true;
+  }
+  return false;
+}
+
+// The outcome of `w` asked again, the `n`-th time since the first 30 s, until it is told or another verdict is sent.
+async function later(w, n) {
+  if (watched !== w) return;
+  await askOutcome(w);
+  if (watched !== w) return;
+  const result = document.getElementById("v-result");
+  if (told(w, result, true)) return;
+  if (n < LATER_TRIES) setTimeout(() => later(w, n + 1), LATER_MS);
+  else result.textContent = `${w.verb} was sent, but the case service has not answered in an hour: the case above is as it stands.`;
 }
 
 document.getElementById("verdict").addEventListener("click", (e) => {
