@@ -45,6 +45,7 @@ import contextlib
 import io
 import ipaddress
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from opensearchpy import OpenSearch
-from opensearchpy.exceptions import TransportError
+from opensearchpy.exceptions import RequestError, TransportError
 from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -105,6 +106,7 @@ from sinks.dashboard.queries import (
     shape_overview,
     transaction_by_id_query,
     with_store_times,
+    zone_unknown_to_opensearch,
 )
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,8 @@ class Dashboard:
         self.drift = index_name(prefix, "model_drift")
         self.max_labels = MAX_LABELS
         self._trained: dict[str, frozenset[str]] = {}
+        self._zones_unknown: set[str] = set()  # zone names OpenSearch refused as a chart query's time_zone
+        self._zones_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the Prometheus client this dashboard made (its pooled connection would otherwise outlive the app,
@@ -162,6 +166,32 @@ class Dashboard:
     def search(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.client.search(index=index, body=body, params=SEARCH_PARAMS)
 
+    def chart_search(self, index: str, window: Window, query: Callable[[Window], dict[str, Any]]) -> dict[str, Any]:
+        """``query`` of ``window`` (one with a date histogram) asked of ``index``. Where OpenSearch refuses the window's
+        zone as unknown to its JVM (:func:`zone_unknown_to_opensearch`: its tzdata older than this machine's), the query
+        is asked again with the zone's UTC offset at the window's end (:meth:`Window.at_fixed_offset`), and so from then
+        on for that name, with one WARNING per name: the charts show, aligned to that offset, where the 400 left the
+        page without charts, saying OpenSearch was unavailable, for as long as it refreshed. Any other error is
+        raised."""
+        zone = window.zone
+        if zone is not None and zone in self._zones_unknown:
+            return self.search(index, query(window.at_fixed_offset()))
+        try:
+            return self.search(index, query(window))
+        except RequestError as exc:
+            if zone is None or not zone_unknown_to_opensearch(exc.info, zone):
+                raise
+        with self._zones_lock:
+            first = zone not in self._zones_unknown
+            self._zones_unknown.add(zone)
+        if first:
+            log.warning(
+                "OpenSearch does not know the time zone %r (its Java time zone data is older than this machine's): "
+                "the charts' buckets start on its UTC offset at each window's end instead until the dashboard restarts",
+                zone,
+            )
+        return self.search(index, query(window.at_fixed_offset()))
+
     def window(self, minutes: int, store: str | None, anchor: str, viewer_zone: str | None = None) -> Window:
         """The window of ``minutes`` ending now or at the newest event (``anchor``); ``viewer_zone``: the page's
         browser zone as sent, taken for the charts' buckets only where :func:`chart_zone` checks it."""
@@ -176,7 +206,7 @@ class Dashboard:
         return Window(start_ms=start, end_ms=end, store=store, zone=zone)
 
     def overview(self, window: Window) -> dict[str, Any]:
-        shaped = shape_overview(self.search(self.transactions, overview_query(window)), window)
+        shaped = shape_overview(self.chart_search(self.transactions, window, overview_query), window)
         return with_store_times(shaped, window.store, self.settings.alerts)
 
     def latest_alerts(self, window: Window) -> dict[str, Any]:
@@ -185,7 +215,7 @@ class Dashboard:
 
     def face_activity(self, window: Window) -> dict[str, Any]:
         return with_store_times(
-            shape_faces(self.search(self.faces, faces_query(window))), window.store, self.settings.alerts
+            shape_faces(self.chart_search(self.faces, window, faces_query)), window.store, self.settings.alerts
         )
 
     def models(self, window: Window) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -118,6 +118,12 @@ class Window:
         if self.zone:
             histogram["time_zone"] = self.zone
         return {"date_histogram": histogram, **({"aggs": sub_aggs} if sub_aggs else {})}
+
+    def at_fixed_offset(self) -> Window:
+        """This window with its named zone replaced by the UTC offset that zone keeps at the window's end
+        (:func:`zone_offset`), as for a machine zone the system does not name: for a name OpenSearch does not know.
+        Buckets before a DST change in the window then start an hour off that zone's hours."""
+        return replace(self, zone=zone_offset(self.zone, self.end_ms)) if self.zone else self
 
 
 def _percentiles(field: str) -> dict[str, Any]:
@@ -460,8 +466,48 @@ def machine_offset(at_ms: int) -> str:
         offset = datetime.fromtimestamp(at_ms / 1000).astimezone().utcoffset()
     except (OverflowError, OSError, ValueError):
         offset = None
+    return _offset_text(offset)
+
+
+def zone_offset(name: str, at_ms: int) -> str:
+    """The UTC offset the zone ``name`` keeps at ``at_ms``, as OpenSearch takes a zone (``-07:00``): what the charts'
+    buckets start on where OpenSearch does not know the name (:func:`zone_unknown_to_opensearch`); UTC's where this
+    machine cannot say either."""
+    try:
+        offset = datetime.fromtimestamp(at_ms / 1000, tz=UTC).astimezone(ZoneInfo(name)).utcoffset()
+    except (ZoneInfoNotFoundError, OverflowError, OSError, ValueError):
+        offset = None
+    return _offset_text(offset)
+
+
+def _offset_text(offset: timedelta | None) -> str:
     minutes = round(offset.total_seconds() / 60) if offset is not None else 0
     return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+UNKNOWN_ZONE = "Unknown time-zone ID: "
+"""How Java's ``ZoneId.of`` refuses a region it has no rules for (``ZoneRulesException``), which OpenSearch gives as
+the reason of the error's ``caused_by`` (``zone_rules_exception``) under its 400."""
+ERROR_DEPTH = 8
+"""Levels of an error answer looked through: OpenSearch nests a cause or two (``caused_by``, ``root_cause``)."""
+
+
+def zone_unknown_to_opensearch(info: object, zone: str, depth: int = ERROR_DEPTH) -> bool:
+    """Whether ``info``, the JSON of an OpenSearch 400 answer to a chart query, says that OpenSearch's JVM has no rules
+    for ``zone``, the ``time_zone`` the query gave (a reason ``Unknown time-zone ID: <zone>`` at any depth of the error:
+    a ``zone_rules_exception`` under the ``x_content_parse_exception`` of the ``date_histogram``'s ``time_zone``, or
+    as an ``illegal_argument_exception``'s text): Python's zone list and Java's tzdata are updated apart, so a name one
+    lists (``America/Ciudad_Juarez``, 2022) may be unknown to the other. Any other refusal is not this one."""
+    if depth <= 0:
+        return False
+    if isinstance(info, dict):
+        reason = info.get("reason")
+        if isinstance(reason, str) and reason.endswith(UNKNOWN_ZONE + zone):
+            return True
+        return any(zone_unknown_to_opensearch(value, zone, depth - 1) for value in info.values())
+    if isinstance(info, list):
+        return any(zone_unknown_to_opensearch(value, zone, depth - 1) for value in info)
+    return False
 
 
 LOCALTIME = Path("/etc/localtime")

@@ -7,6 +7,7 @@ from."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opensearchpy.connection import Connection
 from starlette.testclient import TestClient
 
 from infra.settings import Settings
@@ -448,3 +450,102 @@ def test_the_systems_link_names_a_zone_only_past_its_zoneinfo_folder(tmp_path: P
     assert localtime_name(tmp_path / "missing") is None
     (copied := tmp_path / "copied").write_bytes(b"TZif")
     assert localtime_name(copied) is None
+
+
+JVM_ZONE = "America/Ciudad_Juarez"
+"""A zone this machine lists (tzdata 2022g) but a JVM whose tzdata is older does not."""
+
+
+def unknown_zone_answer(zone: str, at: int = 412) -> bytes:
+    """The 400 OpenSearch 2.x answers a search whose ``date_histogram`` names a ``time_zone`` its JVM has no rules for.
+    Shape taken from its code, not a capture: the aggregation's ObjectParser reads ``time_zone`` with
+    ``ZoneId.of(text)``, which throws ``java.time.zone.ZoneRulesException("Unknown time-zone ID: <zone>")``; the parser
+    wraps any field's failure as ``XContentParseException("[line:col] [date_histogram] failed to parse field
+    [time_zone]", cause)``, an ``IllegalArgumentException`` (so the REST layer's status is 400, while the body is
+    parsed, before any shard), and the REST error body gives it as ``x_content_parse_exception`` with the zone's
+    exception as ``caused_by`` (``zone_rules_exception``), the root cause being the outer exception itself."""
+    reason = f"[1:{at}] [date_histogram] failed to parse field [time_zone]"
+    outer = {"type": "x_content_parse_exception", "reason": reason}
+    error = {
+        "root_cause": [outer],
+        **outer,
+        "caused_by": {"type": "zone_rules_exception", "reason": f"Unknown time-zone ID: {zone}"},
+    }
+    return json.dumps({"error": error, "status": 400}).encode()
+
+
+class OlderJvm(Recorded):
+    """An OpenSearch whose JVM does not know ``unknown``: a query naming it as a ``time_zone`` is refused, raised as
+    opensearch-py raises that answer (its own ``Connection._raise_error`` over the body); every other is answered
+    empty and kept. ``refusal``: the body of that refusal."""
+
+    def __init__(self, unknown: str = JVM_ZONE, refusal: bytes | None = None) -> None:
+        super().__init__()
+        self.unknown = unknown
+        self.refusal = refusal or unknown_zone_answer(unknown)
+        self.zones: list[str | None] = []
+
+    def search(self, index: str, body: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+        zone = body["aggs"]["series"]["date_histogram"].get("time_zone") if "series" in body.get("aggs", {}) else None
+        self.zones.append(zone)
+        if zone == self.unknown:
+            Connection()._raise_error(400, self.refusal, "application/json")
+        return super().search(index, body, params)
+
+
+def older_jvm_reads(
+    jvm: OlderJvm, settings: Settings, params: dict[str, str], times: int = 1
+) -> list[tuple[int, dict[str, Any]]]:
+    """The live page's two chart reads, ``times`` over, at ``T`` (6 h buckets, 10 days), from an app over ``jvm``."""
+    board = Dashboard(settings, client=jvm, clock=lambda: T / 1000)  # type: ignore[arg-type]
+    client = TestClient(create_app(settings, board, host="127.0.0.1"), base_url="http://127.0.0.1:8050")
+    params = {"minutes": str(10 * 24 * 60), **params}
+    out = []
+    for _ in range(times):
+        for path in ("/api/overview", "/api/faces"):
+            got = client.get(path, params=params)
+            out.append((got.status_code, got.json()))
+    return out
+
+
+def test_a_zone_opensearch_does_not_know_gives_charts_on_its_offset_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Python's zone list and OpenSearch's (its JVM's tzdata) are updated apart: a zone this machine knows but
+    OpenSearch does not made every chart read a 400, which the page showed as "OpenSearch unavailable" and retried
+    for ever, no charts at all for that viewer or store. The read is now asked again with the zone's UTC offset at
+    the window's end (-07:00 in January in Ciudad Juarez), and from then on for that name, with one WARNING per
+    name, whether the zone came from the viewer's browser or from CG_ALERTS__TIMEZONE."""
+    assert viewer_zone(JVM_ZONE) == JVM_ZONE
+    jvm = OlderJvm()
+    with caplog.at_level(logging.WARNING, logger="sinks.dashboard.app"):
+        reads = older_jvm_reads(jvm, SETTINGS, {"viewer_zone": JVM_ZONE}, times=3)
+    assert [status for status, _ in reads] == [200] * 6
+    assert all("series" in answer and "error" not in answer for _, answer in reads)  # the charts are answered
+    assert jvm.zones == [JVM_ZONE] + ["-07:00"] * 6  # refused once, then known: no 400 at each refresh
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and JVM_ZONE in r.getMessage()]
+    assert len(warnings) == 1 and "OpenSearch unavailable" not in caplog.text
+    assert queries.zone_offset(JVM_ZONE, T + 180 * 24 * 3_600_000) == "-06:00"  # in July: its daylight time
+
+    chain = Settings(alerts={"timezone": JVM_ZONE})  # the chain's own zone, which this machine validated at start
+    jvm = OlderJvm()
+    assert [status for status, _ in older_jvm_reads(jvm, chain, {"store": "S-1"})] == [200, 200]
+    assert jvm.zones == [JVM_ZONE, "-07:00", "-07:00"]
+
+
+def test_only_opensearchs_refusal_of_that_very_zone_is_asked_again() -> None:
+    """Any other 400 (another field it cannot parse, another zone's refusal) is still the 503 it was, asked once: a
+    query OpenSearch refuses for another reason is not hidden by a second try that drops the zone."""
+    other_field = json.loads(unknown_zone_answer(JVM_ZONE))
+    other_field["error"]["caused_by"] = {"type": "illegal_argument_exception", "reason": "[fixed_interval] bad"}
+    refusals = [
+        json.dumps(other_field).encode(),
+        unknown_zone_answer("America/Ciudad"),  # a refusal naming another zone than the one asked
+        json.dumps({"error": {"type": "x_content_parse_exception", "reason": "Unknown time-zone ID: x"}}).encode(),
+        b"Unknown time-zone ID: America/Ciudad_Juarez",  # not OpenSearch's JSON
+    ]
+    for refusal in refusals:
+        jvm = OlderJvm(refusal=refusal)
+        reads = older_jvm_reads(jvm, SETTINGS, {"viewer_zone": JVM_ZONE})
+        assert [status for status, _ in reads] == [503, 503], refusal
+        assert jvm.zones == [JVM_ZONE, JVM_ZONE], refusal
