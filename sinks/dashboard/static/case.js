@@ -26,7 +26,8 @@ let busy = false;
 // The submission a send went unanswered for (the network dropped it): sending the same again reuses its id.
 let unanswered = null;
 // The verdict last sent and what became of it: { verb, id (its command id), before (the case's version then),
-// outcome (the answer of /commands/<id> once it is not "pending"), failed (the last ask of it failed) }.
+// outcome (the answer of /commands/<id> once it is not "pending"), failed (the last ask of it failed), awaiting (applied,
+// but its wait ended before the case's new version was read: the page's next read that shows it tells it) }.
 let watched = null;
 // After a verdict is sent its outcome (and the case) is asked every second for ANSWER_TRIES s, the buttons off; with no
 // answer by then the buttons come back on and the outcome is asked every LATER_MS for at most LATER_TRIES times more
@@ -135,6 +136,11 @@ async function load() {
   }
   reading.failures = 0;
   render(answer.body);
+  // a verdict applied whose case version was not on screen when its wait ended: told (and marked) once a read shows it
+  if (watched && watched.awaiting && current.version > watched.before) {
+    watched.awaiting = false;
+    told(watched, document.getElementById("v-result"), true);
+  }
   status.className = "status";
   status.textContent = `loaded ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = "1";
@@ -187,7 +193,7 @@ async function send(verb, fraud) {
     return;
   }
   unanswered = null;
-  const w = { verb, id: answer.body.command_id, before, outcome: null, failed: false };
+  const w = { verb, id: answer.body.command_id, before, outcome: null, failed: false, awaiting: false };
   watched = w;
   result.textContent = `${verb} sent (${w.id}); waiting for the case service's answer…`;
   for (let i = 0; i < ANSWER_TRIES; i++) {
@@ -243,6 +249,7 @@ function told(w, result, final) {
     result.textContent = final
       ? `${w.verb} applied, but the case's new version is not shown yet (is the OpenSearch sink running?): it shows once it is.`
       : `${w.verb} applied; waiting for the case's new version…`;
+    w.awaiting = final;  // the case's own reads go on while it is undecided: the one that shows the version tells it
     return final;
   }
   if (newer && (w.failed || final)) {
