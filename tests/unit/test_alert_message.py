@@ -524,3 +524,25 @@ def test_a_drift_alert_reads_all_stores_and_its_drifting_figures_by_their_plain_
         "velocity limit; new column x"  # one it has no name for: its name with spaces
     )
     assert dict(describe(alert(store_id="all"), AlertSettings()).lines)["Where"] == "store all, lane L02"  # a store
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("similarity", float("nan")),
+        ("similarity", 250.0),
+        ("match_threshold", float("inf")),
+        ("amount", float("-inf")),
+        ("amount", 1.7976931348623157e308),
+    ],
+)
+def test_an_alert_whose_amount_or_similarity_no_message_can_show_is_refused_before_any_channel(field, value) -> None:
+    """Sent as it was, a NaN similarity read "nan% similar" and 1e308 an amount of 400 digits, by mail and Webex."""
+    from schemas.errors import InvalidRecord
+    from sinks.alerts.sender import decode_alert
+
+    valid = alert(similarity=91.5, match_threshold=50.9, subject_id="subj-a", category="SUSPECT")
+    assert decode_alert(codec("Alert").encode(valid), AlertSettings())["similarity"] == 91.5
+    with pytest.raises(InvalidRecord) as err:
+        decode_alert(codec("Alert").encode({**valid, field: value}), AlertSettings())
+    assert err.value.kind == "invalid_field" and field in err.value.reason and str(value) not in err.value.reason
