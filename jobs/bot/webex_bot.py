@@ -468,7 +468,11 @@ def watchlist_text(entries: list[WatchlistEntry], at_ms: int, expire_days: float
     if expiring and not named:
         return text + f"; {len(expiring)} expiring within {EXPIRY_SOON_DAYS} days"
     if expiring:
-        listed = ", ".join(f"`{s}` in {max(0, (t - at_ms) // 86_400_000)} d" for t, s in expiring[:10])
+        # each id as a stored value (_code): the topic's records are not the bot's own, and an id written as it came
+        # could end its code span and mention a whole room (``<@all>``), or make the message too long to post
+        listed = ", ".join(
+            f"{_code(s) or '(no id)'} in {max(0, (t - at_ms) // 86_400_000)} d" for t, s in expiring[:10]
+        )
         text += f"; expiring within {EXPIRY_SOON_DAYS} days (`renew <subject>` keeps one): {listed}"
     return text
 

@@ -449,3 +449,19 @@ def test_a_note_or_reason_written_on_several_lines_is_sent_with_its_line_breaks(
     """The words were joined with spaces, so a note written as a list reached the case as one line."""
     parsed = parse_command(text, ("Checkout Guard", "Checkout"))
     assert (parsed.argument, parsed.problem) == (argument, None), parsed
+
+
+def test_status_shows_each_watchlist_subject_id_in_its_own_short_code_span_whatever_the_topic_holds() -> None:
+    """The bot reads the ``watchlist`` topic as it is: an id written as it came ended its code span, so ``<@all>`` in it
+    mentioned the whole room, and a 100 000-character one made a message Webex refuses."""
+    from jobs.bot.webex_bot import watchlist_text
+    from schemas.records import WatchlistEntry
+
+    now = 1_800_000_000_000
+    ids = ["x` <@all> `y", "z" * 100_000, ""]
+    entries = [WatchlistEntry(s, "SUSPECT", [], "fraud", "lp@x", now, expires_at=now + 86_400_000) for s in ids]
+    text = watchlist_text(entries, now, 365).removeprefix(
+        "Watchlist: 3 suspect; expiring within 30 days (`renew <subject>` keeps one): "
+    )
+    assert "<" not in text and len(text) < 400
+    assert text == "(no id) in 1 d, `x   @all   y` in 1 d, `" + "z" * 120 + "` in 1 d"
