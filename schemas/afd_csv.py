@@ -28,7 +28,7 @@ from typing import TextIO
 
 from schemas.errors import CheckoutGuardError, InvalidRecord
 from schemas.identifiers import check, check_name
-from schemas.records import CURRENCY_RE, LABEL_WORDS, LineItem, PosTransaction
+from schemas.records import COORDINATE_BOUNDS, CURRENCY_RE, LABEL_WORDS, LineItem, PosTransaction
 
 REQUIRED_COLUMNS = ("EVENT_TIMESTAMP", "EVENT_ID", "order_price", "payment_currency", "merchant")
 """Without these no row could be mapped, so a header lacking one is rejected up front."""
@@ -283,8 +283,8 @@ def row_to_transaction(row: Mapping[str | None, object]) -> PosTransaction:
         ),
         customer_id=customer_id,
         card_bin=card_bin,
-        billing_latitude=_float(row, "billing_latitude", 90.0),
-        billing_longitude=_float(row, "billing_longitude", 180.0),
+        billing_latitude=_float(row, "billing_latitude", COORDINATE_BOUNDS["billing_latitude"]),
+        billing_longitude=_float(row, "billing_longitude", COORDINATE_BOUNDS["billing_longitude"]),
         product_category=category,
         label=parse_label(_text(row, "EVENT_LABEL") or ""),
         **text,  # type: ignore[arg-type]

@@ -72,6 +72,9 @@ CURRENCY_RE = re.compile(r"[A-Z]{3}")
 MAX_AMOUNT = 1e12
 """Above any real basket in any currency (a billion rupiah is about 60,000 USD): a larger amount, finite as it
 may be, would overflow the profiles' decayed sums to inf, and inf times a decay of 0 to NaN, kept for months."""
+COORDINATE_BOUNDS = {"billing_latitude": 90.0, "billing_longitude": 180.0}
+"""The largest magnitude of a transaction's billing coordinates (degrees): a Fraud Detector CSV row's and a Kafka
+record's alike."""
 
 
 @dataclass(frozen=True, slots=True)

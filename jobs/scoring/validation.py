@@ -17,7 +17,7 @@ from infra.settings import JobSettings
 from schemas.codec import codec
 from schemas.errors import InvalidRecord
 from schemas.identifiers import check, check_card_token, check_email, check_ip_address, check_name, check_text
-from schemas.records import CURRENCY_RE, MAX_AMOUNT
+from schemas.records import COORDINATE_BOUNDS, CURRENCY_RE, MAX_AMOUNT
 
 MAX_FUTURE_SKEW_MS = JobSettings().max_future_skew_ms
 """Default of ``max_future_skew_ms``: see ``JobSettings.max_future_skew_ms``."""
@@ -79,6 +79,7 @@ def parse_transaction(
         raise InvalidRecord(
             "invalid_amount", f"amount must be a positive number up to {MAX_AMOUNT:.0e}, got {amount!r}"
         )
+    _check_coordinates(tx)
     _normalize_identities(tx, as_sent)
     if not CURRENCY_RE.fullmatch(tx["currency"]):
         raise InvalidRecord("invalid_currency", f"currency must be an ISO 4217 code, got {tx['currency'][:16]!r}")
@@ -125,6 +126,17 @@ def _check_ids(tx: dict[str, Any]) -> None:
     for name in LABELS:
         if tx[name]:
             check_text(tx[name], name)
+
+
+def _check_coordinates(tx: dict[str, Any]) -> None:
+    """``invalid_field`` for a billing coordinate that is set and not a number of degrees within
+    :data:`~schemas.records.COORDINATE_BOUNDS` (NaN and the infinities included), naming the field, never the value.
+    The bound a Fraud Detector CSV row has: unchecked, a NaN or infinite one was sent to Fraud Detector as ``nan`` or
+    ``inf`` and kept in ``train``'s history."""
+    for name, bound in COORDINATE_BOUNDS.items():
+        value = tx[name]
+        if value is not None and not -bound <= value <= bound:  # NaN fails it too
+            raise InvalidRecord("invalid_field", f"{name} is not a number from -{bound:g} to {bound:g} (degrees)")
 
 
 def _normalize_identities(tx: dict[str, Any], as_sent: dict[str, Any] | None) -> None:

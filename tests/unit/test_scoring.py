@@ -347,6 +347,27 @@ def test_invalid_transactions_are_rejected_with_a_reason(change, kind):
 
 
 @pytest.mark.parametrize(
+    "change",
+    [
+        {"billing_latitude": float("nan")},
+        {"billing_longitude": float("inf")},
+        {"billing_latitude": -90.5},
+        {"billing_longitude": 1e308},
+    ],
+)
+def test_a_billing_coordinate_that_is_no_place_on_earth_is_dead_lettered_not_sent_to_fraud_detector(change):
+    """Taken, a NaN latitude went to Fraud Detector as the text ``nan`` and into ``train``'s history; a Fraud Detector
+    CSV row with it was refused all along."""
+    (name,) = change
+    with pytest.raises(InvalidRecord) as err:
+        parse_transaction(replace(sale("t1"), **change).encode(), T0, 1 << 20)
+    assert err.value.kind == "invalid_field" and name in err.value.reason and str(change[name]) not in err.value.reason
+    edge = parse_transaction(replace(sale("t2"), billing_latitude=-90.0, billing_longitude=180.0).encode(), T0, 1 << 20)
+    assert (edge["billing_latitude"], edge["billing_longitude"]) == (-90.0, 180.0)
+    assert parse_transaction(sale("t3").encode(), T0, 1 << 20)["billing_latitude"] is None
+
+
+@pytest.mark.parametrize(
     "field,text",
     [
         ("category", "c" * 200_000),
