@@ -84,7 +84,7 @@ from infra.settings import Settings, get_settings
 from jobs.cases.core import ESCALATED, PENDING, parse_case_command
 from jobs.faces.checkout_inspect import FACE_MATCH_CAVEAT, Lookup
 from schemas.errors import CheckoutGuardError, InvalidRecord
-from schemas.identifiers import ID_RE, check
+from schemas.identifiers import ID_RE, NAME_RE, check
 from schemas.records import (
     CASE_VERBS,
     MAX_CASE_TEXT,
@@ -95,7 +95,7 @@ from schemas.records import (
     case_text,
     well_formed,
 )
-from schemas.similarity import category_words, similarity_text
+from schemas.similarity import CATEGORY_WORDS, category_words, similarity_text
 from schemas.topics import WATCHLIST
 
 log = logging.getLogger(__name__)
@@ -377,13 +377,16 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
             return f"I cannot read the decision on `{tx_id}` now ({type(exc).__name__})."
         if doc is None:
             return f"No decision on `{tx_id}` is stored yet."
+        # the document is what the sink indexed from the topic: every value of it is shown as a stored value (_code)
+        # unless it is a name or a word of ours, so none can end a code span, mention a room or fill the message
         face = doc.get("face_status") or "UNAVAILABLE"
         caveat = ""
         if face == "MATCHED":
             by = " by Rekognition" if doc.get("face_matcher") == REKOGNITION_MATCHER else ""
-            category = category_words(str(doc.get("face_category") or ""))
+            category = str(doc.get("face_category") or "")
+            who = f"**{category_words(category)}**" if category.upper() in CATEGORY_WORDS else _code(category)
             face_text = (
-                f"face matches **{category}** `{doc.get('face_subject_id')}` "
+                f"face matches {who} {_code(doc.get('face_subject_id'))} "
                 f"({similarity_text(doc.get('face_similarity') or 0)}% similar{by})"
             )
             caveat = f" {FACE_MATCH_CAVEAT}"
@@ -392,9 +395,9 @@ def recorded_checkout(lookup: Lookup) -> Callable[[str], str]:
                 "NO_MATCH": "a face was seen, no watchlist match",
                 "NO_FACE": "no usable face in the snapshot",
                 "UNAVAILABLE": "no snapshot was available",
-            }.get(face, face.lower())
+            }.get(face, _code(str(face).lower()))
         return (
-            f"Transaction `{tx_id}` at store {doc.get('store_id')} lane {doc.get('lane_id')}: "
+            f"Transaction `{tx_id}` at store {_name(doc.get('store_id'))} lane {_name(doc.get('lane_id'))}: "
             f"{OUTCOME_WORDS.get(doc.get('outcome') or '', '?')} (risk {doc.get('risk_score')}); {face_text}.{caveat} "
             "Taking a fresh snapshot of that lane's camera now..."
         )
@@ -407,6 +410,12 @@ def _code(value: Any) -> str:
     turn italic; a backtick or ``<`` could end the span or mention someone, so those go); empty when empty."""
     text = "".join(" " if c in "`<>" else c for c in " ".join(str(value or "").split()))[:120].strip()
     return f"`{text}`" if text else ""
+
+
+def _name(value: Any) -> str:
+    """A store or lane as a reply names it: as it is when it is a name (:data:`~schemas.identifiers.NAME_RE`), else as
+    a stored value (:func:`_code`)."""
+    return value if isinstance(value, str) and NAME_RE.fullmatch(value) else _code(value)
 
 
 def _utc(ms: Any) -> str:

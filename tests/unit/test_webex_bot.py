@@ -898,6 +898,28 @@ def test_the_recorded_checkout_answer_says_which_engine_matched_and_that_a_match
     assert FACE_MATCH_CAVEAT not in no_match
 
 
+def test_the_recorded_checkout_answer_shows_an_indexed_decisions_values_in_short_code_spans_mentioning_nobody() -> None:
+    """The decision is what the sink indexed from ``processed_transactions``: its values were written as they came, so
+    a subject id with a backtick and ``<@all>`` ended its code span and mentioned the room, and a face status or lane of
+    100 000 characters made a reply Webex refuses."""
+    doc = {
+        "store_id": "S1 <@all>",
+        "lane_id": "L" * 100_000,
+        "outcome": "REVIEW",
+        "risk_score": 60,
+        "face_status": "MATCHED",
+        "face_category": "<@all>",
+        "face_subject_id": "x` <@all> `",
+        "face_similarity": 99.41,
+    }
+    reply = webex_bot.recorded_checkout({"tx-3": doc}.get)("tx-3")
+    assert "<" not in reply and len(reply) < 1000
+    assert reply.startswith("Transaction `tx-3` at store `S1  @all` lane `" + "L" * 120 + "`: ")
+    assert "face matches `@all` `x   @all` (99.4% similar)" in reply
+    odd = webex_bot.recorded_checkout({"tx-3": {**doc, "face_status": "Q" * 100_000}}.get)("tx-3")
+    assert "<" not in odd and len(odd) < 1000
+
+
 def test_the_recorded_checkout_answer_reads_a_near_match_and_a_vip_as_the_alerts_do() -> None:
     """It read 99.96 as "100.0% similar" (a near match as a perfect one) and a VIP as "**vip**", where the alert
     messages say 99.9 and VIP."""
