@@ -282,6 +282,22 @@ class Alert(Record):
     the alert has no ``snapshot_ref`` (the OpenSearch sink's forget, ``sinks.opensearch.forget``)."""
 
 
+ALERT_NUMBER_BOUNDS = {"amount": (0.0, MAX_AMOUNT), "similarity": (0.0, 100.0), "match_threshold": (0.0, 100.0)}
+"""The numbers of an alert that people are shown and the range each is made in: an amount as the scoring job takes
+one, a similarity and the threshold it was matched at on the engines' 0-100 scale. Unchecked, a NaN similarity was
+sent as "nan% similar", an infinite amount as "inf EUR" and 1e308 as a figure of over 400 digits, by mail and to
+Webex, and a case copied the similarity onto the case page. The alert sender and the case service refuse by it."""
+
+
+def check_alert_numbers(alert: dict[str, Any]) -> None:
+    """:class:`InvalidRecord` ``invalid_field`` naming the first of :data:`ALERT_NUMBER_BOUNDS` that is set and outside
+    its range (NaN and the infinities included); never the value. ``alert``: an Alert Avro dict."""
+    for name, (low, high) in ALERT_NUMBER_BOUNDS.items():
+        value = alert.get(name)
+        if value is not None and not low <= value <= high:  # NaN fails it too
+            raise InvalidRecord("invalid_field", f"{name} is not a number from {low:g} to {high:g}")
+
+
 class AlertAvro(TypedDict):
     """:class:`Alert` as the dict the codec writes; built directly by the scoring job (see
     :class:`ScoredTransactionAvro`), kept equal to the dataclass and the Avro schema by a unit test."""

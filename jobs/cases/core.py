@@ -57,7 +57,10 @@ def open_case(alert: Alert, now_ms: int, expire_after_ms: int, reference_image_r
     service got to it: after a pause or a lost offset it reads alerts days old) and expiring
     ``expire_after_ms`` after that, so the queue's ages and the time to verdict are the alert's. An alert
     stamped ahead of ``now_ms`` (a clock ahead of ours) opens now. Already due when the alert is older than
-    the expiry: :func:`expire` it at once."""
+    the expiry: :func:`expire` it at once. The summary is kept as a note is (:func:`~schemas.records.case_text`:
+    without control characters or direction overrides, cut to :data:`MAX_TEXT`): the jobs write a line of a few
+    hundred characters, and a longer one (up to the record limit, 256 KiB) was copied whole into the case, its
+    index and its page."""
     opened_at = min(alert.event_time, now_ms)
     return Case(
         case_id=case_id_for(alert.alert_id),
@@ -66,7 +69,7 @@ def open_case(alert: Alert, now_ms: int, expire_after_ms: int, reference_image_r
         kind=alert.kind,
         store_id=alert.store_id,
         alert_id=alert.alert_id,
-        summary=alert.summary,
+        summary=_cut(alert.summary) or "",  # shown on the case page and indexed: one line of text, not 256 KiB
         opened_at=opened_at,
         updated_at=now_ms,
         expires_at=opened_at + expire_after_ms,

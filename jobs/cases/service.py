@@ -96,6 +96,7 @@ from schemas.records import (
     BotCommand,
     Case,
     WatchlistEntry,
+    check_alert_numbers,
     dead_letter,
     dead_letter_headers,
     make_label,
@@ -284,7 +285,10 @@ class CaseCore:
             for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):
                 if value is not None:
                     check(value, field)
-        except InvalidRecord as exc:  # oversized, undecodable (DecodeError), or an id that is not one
+            # a number the alert sender refuses to show (a NaN similarity, an infinite amount) is refused here too:
+            # copied, the case page and the cases index showed it, for an alert no channel sent
+            check_alert_numbers(alert.to_avro())
+        except InvalidRecord as exc:  # oversized, undecodable, an id that is not one, a number out of range
             metrics.RECORDS_IN.labels(PROCESS, "invalid").inc()
             return self._settle("alert", src, [self._dead_letter(src, exc, now_ms)])
         if self.past_horizon(src, now_ms):

@@ -105,7 +105,7 @@ from infra.settings import AlertSettings, LedgerJournalMode, Settings, get_setti
 from schemas.codec import codec
 from schemas.errors import DELIVERY_FAILED, CheckoutGuardError, InvalidRecord
 from schemas.identifiers import ALERT_ID_RE, check
-from schemas.records import MAX_AMOUNT, AuditEvent, DeadLetter
+from schemas.records import AuditEvent, DeadLetter, check_alert_numbers
 from schemas.topics import ALERTS, AUDIT, DAY_MS, DEAD_LETTERS, TRANSACTIONS, TopicSpec, readable_for_ms
 from sinks.alerts import ledger_schema
 from sinks.alerts.erase import FORGET_GRACE_MS, Eraser, LedgerClosed
@@ -1139,32 +1139,17 @@ def check_event_time(alert: dict[str, Any], timezone: str | None) -> None:
         raise InvalidRecord("invalid_timestamp", f"event_time {value} ms is not a date the alert can show") from None
 
 
-SHOWN_NUMBERS = {"amount": (0.0, MAX_AMOUNT), "similarity": (0.0, 100.0), "match_threshold": (0.0, 100.0)}
-"""The numbers every message shows and the range each is made in: an amount as the scoring job takes one, a similarity
-and the threshold it was matched at on the engines' 0-100 scale. Unchecked, a NaN similarity was sent as "nan%
-similar", an infinite amount as "inf EUR" and 1e308 as a figure of over 400 digits, by mail and to Webex."""
-
-
-def check_shown_numbers(alert: dict[str, Any]) -> None:
-    """:class:`InvalidRecord` ``invalid_field`` naming the first of :data:`SHOWN_NUMBERS` that is set and outside its
-    range (NaN and the infinities included); never the value."""
-    for name, (low, high) in SHOWN_NUMBERS.items():
-        value = alert.get(name)
-        if value is not None and not low <= value <= high:  # NaN fails it too
-            raise InvalidRecord("invalid_field", f"{name} is not a number from {low:g} to {high:g}")
-
-
 def decode_alert(value: bytes | None, settings: AlertSettings) -> dict[str, Any]:
     """An ``alerts`` record the channels can use, else :class:`InvalidRecord` (its dead letter's kind and reason):
     bytes that do not decode, an id that would not fit a link, a Message-ID or a ledger key, a time no message can
-    show, a number no message can show (:func:`check_shown_numbers`). Pure, so the hostile corpus drives it without
-    Kafka."""
+    show, a number no message can show (:func:`~schemas.records.check_alert_numbers`). Pure, so the hostile corpus
+    drives it without Kafka."""
     alert = codec("Alert").decode(value)
     if not isinstance(alert.get("alert_id"), str) or not alert["alert_id"].strip():
         raise InvalidRecord("missing_field", "alert_id is empty")
     check(alert["alert_id"], "alert_id", ALERT_ID_RE)  # it goes into links, Message-IDs and ledger keys
     check_event_time(alert, settings.zone_of(alert.get("store_id")))
-    check_shown_numbers(alert)
+    check_alert_numbers(alert)
     return alert
 
 

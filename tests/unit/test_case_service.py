@@ -4,6 +4,7 @@ change nothing, undecided cases expire."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -15,6 +16,7 @@ from jobs.cases.core import case_id_for
 from jobs.cases.service import CaseCore, Source
 from jobs.model.labels import latest_labels
 from schemas.records import (
+    MAX_CASE_TEXT,
     WEBEX_REPLY_PERSON,
     WEBEX_REPLY_ROOM,
     Alert,
@@ -43,7 +45,11 @@ def core() -> CaseCore:
 
 
 def alert_src(
-    alert_id: str = "watchlist:tx-1:subj-a", kind: str = "WATCHLIST_MATCH", offset: int = 0, event_time: int = NOW
+    alert_id: str = "watchlist:tx-1:subj-a",
+    kind: str = "WATCHLIST_MATCH",
+    offset: int = 0,
+    event_time: int = NOW,
+    **fields: Any,
 ) -> Source:
     alert = Alert(
         alert_id=alert_id,
@@ -59,7 +65,7 @@ def alert_src(
         similarity=0.9 if kind != "BLOCKED_TRANSACTION" else None,
         snapshot_ref="local://checkout/tx-1.jpg" if kind != "BLOCKED_TRANSACTION" else None,
     )
-    return Source("alerts", 0, offset, alert_id.encode(), alert.encode())
+    return Source("alerts", 0, offset, alert_id.encode(), replace(alert, **fields).encode())
 
 
 def command_src(verb: str, arg: str, cid: str, offset: int = 1, actor: str = GUARD, key: str = KEY) -> Source:
@@ -359,6 +365,25 @@ def test_state_is_rebuilt_from_the_topics(core) -> None:
     assert restarted.on_alert(alert_src(), NOW) == []
     assert restarted.on_command(command_src("DISMISS", case.case_id, "m0"), NOW) == []
     assert restarted.book.false_matches["subj-a"] == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("similarity", float("nan")), ("similarity", float("inf")), ("amount", 1e308), ("match_threshold", -1.0)],
+)
+def test_an_alert_with_a_number_the_alert_sender_refuses_opens_no_case_and_is_dead_lettered(core, field, value) -> None:
+    """Copied, a NaN similarity was indexed and shown on the case page of an alert no channel sent."""
+    outs = core.on_alert(alert_src(**{field: value}), NOW)
+    assert [o.topic for o in outs] == [DEAD_LETTERS] and core.book.cases == {}
+    letter = DeadLetter.decode(outs[0].value)
+    assert letter.error_kind == "invalid_field" and field in letter.reason and str(value) not in letter.reason
+
+
+def test_a_case_keeps_its_alerts_summary_as_one_cut_line_of_text(core) -> None:
+    """The summary was copied whole, up to the 256 KiB record limit, into the case, its index and its page."""
+    assert opened(core).summary == "Possible suspect at lane-01"
+    case = opened(core, alert_id="watchlist:tx-2:subj-a", summary="\u202e" + "Possible suspect " * 5_000)
+    assert len(case.summary) == MAX_CASE_TEXT and case.summary.startswith("Possible suspect")
 
 
 def test_garbage_input_is_dead_lettered_and_other_verbs_are_not_ours(core) -> None:

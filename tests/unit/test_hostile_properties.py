@@ -41,6 +41,7 @@ from producers.camera_bridge import Ignored, convert
 from schemas.codec import codec, json_safe
 from schemas.errors import INTERNAL_ERROR, InvalidRecord
 from schemas.records import (
+    MAX_CASE_TEXT,
     Alert,
     AuditEvent,
     BotCommand,
@@ -497,6 +498,10 @@ def test_the_case_service_opens_a_case_or_refuses_any_hostile_alert_and_takes_th
     _letters(outs)
     for out in outs:  # what it publishes fits a Kafka record (a case copies an alert's fields and more)
         assert out.value is None or len(out.value) <= CASE_RECORD_MAX, (out.topic.name, len(out.value))
+        if out.topic.name == "cases" and out.value is not None:  # indexed and shown on the case page
+            case = codec("Case").decode(out.value)
+            finite_and_bounded(case, "case", CASE_RECORD_MAX)  # every number finite: a NaN similarity is refused
+            assert len(case["summary"]) <= MAX_CASE_TEXT, len(case["summary"])  # cut as a note is
 
 
 @FAST
