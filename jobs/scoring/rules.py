@@ -53,6 +53,21 @@ KNOWN_INDICATORS: frozenset[str] = frozenset(
     }
 )
 """Indicators a weight may name: a typo in a rule file must fail validation, not silently score 0."""
+MEASURED_INDICATORS: frozenset[str] = frozenset(
+    {
+        # jobs/scoring/features.py
+        "seconds_since_sale",
+        "store_returns_in_window",
+        "velocity",
+        "amount_zscore",
+        # jobs/scoring/scorer.py
+        "buyer_face_similarity",
+    }
+)
+"""Indicators that carry a measure, not a flag: no weight names them (the model reads all but the last)."""
+INDICATOR_NAMES: frozenset[str] = KNOWN_INDICATORS | MEASURED_INDICATORS
+"""Every indicator a decision may carry: the OpenSearch transactions template maps each of these, and no other, as a
+double (``schemas/index_templates/transactions.json``; a unit test keeps the two equal)."""
 FACE_INDICATORS: tuple[str, ...] = ("buyer_face_mismatch",)
 """Indicators drawn from the same lane snapshot as the watchlist match. With it they are one piece of evidence,
 not two (a snapshot of the wrong person gives a suspect match and a returner who is not the buyer at once), so

@@ -56,9 +56,11 @@ id is dead-lettered (``invalid_key``), as is a verdict other than 1 or 0 (``inva
 latest ``decided_at`` does not decide: a chargeback dated before an analyst's verdict but published after
 it is the correction (``jobs.model.labels`` explains why compaction forces that rule).
 
-Mappings are ``dynamic: strict`` (only ``indicators`` is open, its keys mapped to double): a field the
-template does not know is rejected and dead-lettered instead of being guessed into a type dashboards
-then depend on; a unit test keeps the templates and the Avro schemas in step.
+Mappings are ``dynamic: strict``: a field the template does not know is rejected and dead-lettered instead of being
+guessed into a type dashboards then depend on; a unit test keeps the templates and the Avro schemas in step. The maps
+of named numbers (``indicators``, ``feature_psi``) map the names the code defines as double and keep any other in
+``_source`` unmapped (``dynamic: false``), and a record whose keys are not names, or too many, is dead-lettered
+``invalid_field`` (:data:`NAMED_VALUES`): mapped as they came, they could fill an index's 1,000 fields.
 
 Only ids, counts and error types are logged: documents can hold personal data.
 
@@ -80,6 +82,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import signal
 import threading
 import time
@@ -191,7 +194,7 @@ def install_templates(
         if existing:
             client.indices.update_aliases(body={"actions": [{"add": {"indices": existing, "alias": alias}}]})
         for chunk in range(0, len(existing), 50):  # index names go in the URL: keep it short
-            client.indices.put_mapping(index=",".join(existing[chunk : chunk + 50]), body=body["template"]["mappings"])
+            put_mappings(client, existing[chunk : chunk + 50], body["template"]["mappings"])
         names.append(alias)
         every_index += existing
     if replicas is not None:
@@ -215,6 +218,38 @@ def install_templates(
             if changed:
                 log.info("index.number_of_replicas set to %d on %d existing index(es)", replicas, len(changed))
     return names
+
+
+FIELD_LIMIT_REFUSAL = "Limit of total fields"
+"""How OpenSearch's refusal of a mapping past ``index.mapping.total_fields.limit`` begins (its reason)."""
+
+
+def put_mappings(client: OpenSearch, names: Sequence[str], mappings: dict[str, Any]) -> None:
+    """``mappings`` added to the existing indices ``names`` (put_mapping takes additive changes). An index whose
+    mapping already reached OpenSearch's field limit (its :data:`NAMED_VALUES` mapped as they came, before they were
+    mapped by name) refuses the named fields it lacks, and the sink would never start: it is given only those maps'
+    ``dynamic: false`` instead, which adds no field, so it stops refusing each document with a new name, with a
+    WARNING naming it (the names it lacks stay unmapped there: in ``_source``, not searchable)."""
+    try:
+        client.indices.put_mapping(index=",".join(names), body=mappings)
+    except RequestError as exc:
+        if FIELD_LIMIT_REFUSAL not in str(exc):
+            raise
+        if len(names) > 1:  # which of them is full: each on its own
+            for name in names:
+                put_mappings(client, [name], mappings)
+            return
+        closed = {n: {"type": "object", "dynamic": False} for n in NAMED_VALUES.values() if n in mappings["properties"]}
+        if not closed:
+            raise
+        client.indices.put_mapping(index=names[0], body={"properties": closed})
+        log.warning(
+            "%s reached OpenSearch's limit of fields (index.mapping.total_fields.limit): its %s no longer map new "
+            "names, and the names the code defines that it lacks stay unmapped there (kept in each document, not "
+            "searchable) until its period ends",
+            names[0],
+            " and ".join(sorted(closed)),
+        )
 
 
 def set_replicas(client: OpenSearch, names: Sequence[str], replicas: int) -> list[str]:
@@ -864,9 +899,46 @@ refuses (``schemas.identifiers``: control characters, a header injection, spaces
 too, so the dashboard never shows, nor links to, an alert no channel sent and no case was opened for."""
 
 
-RECORD_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"labels": _check_label}
+NAMED_VALUES = {"transactions": "indicators", "model_drift": "feature_psi"}
+"""Per route kind, its map of named numbers (a decision's indicators, a drift report's PSI per feature). Every key
+OpenSearch maps is a field of the index, and an index takes 1,000 (``index.mapping.total_fields.limit``): mapped as they
+came, a writer with many distinct keys (a bug, or a compromised one) filled an index's mapping, after which every
+document with a new key was refused until the index's period ended. So the templates map the names the code defines
+(``dynamic: false``: another name stays in ``_source``, unmapped, where the dashboard reads these maps), and the sink
+refuses a record whose keys no code writes (:func:`_check_names`): not names, or more than :data:`MAX_NAMES`. Not a
+dynamic template that maps only well-formed names: every new well-formed name would still be a field, and a name it
+did not match would fall to OpenSearch's own dynamic mapping; only a closed map keeps the fields bounded."""
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""What an indicator or feature name looks like (``fullmatch``): ``velocity``, ``cust_count_24h``."""
+MAX_NAMES = 128
+"""Most keys a record's :data:`NAMED_VALUES` map may hold: the scoring job writes at most 21 indicators, a model has
+46 features; a few times that leaves room for the names of models and rule sets to come."""
+
+
+def _check_names(field_name: str) -> Callable[[dict[str, Any]], None]:
+    """The check of a record's ``field_name`` map: :class:`_Unusable` ``invalid_field`` naming how many keys it holds
+    or how many are not a :data:`NAME_RE` name, never a key (it may be a hostile payload, and reasons are logged)."""
+
+    def check(record: dict[str, Any]) -> None:
+        names = record.get(field_name) or {}
+        if len(names) > MAX_NAMES:
+            raise _Unusable("invalid_field", f"{field_name} holds {len(names)} names; at most {MAX_NAMES} are indexed")
+        if bad := sum(1 for name in names if not NAME_RE.fullmatch(name)):
+            raise _Unusable(
+                "invalid_field",
+                f"{field_name} holds {bad} of {len(names)} names that are not a name: a-z first, then a-z, 0-9 or _, "
+                "at most 64 characters",
+            )
+
+    return check
+
+
+RECORD_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "labels": _check_label,
+    **{kind: _check_names(field_name) for kind, field_name in NAMED_VALUES.items()},
+}
 """What a kind's records must satisfy beyond their schema before they are indexed (what ``train``
-would refuse must not be counted on the dashboard either)."""
+would refuse must not be counted on the dashboard either; names that would fill an index's mapping)."""
 
 
 def offsets_to_commit(messages: Iterable[Message]) -> list[TopicPartition]:

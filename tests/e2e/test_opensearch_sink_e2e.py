@@ -431,28 +431,30 @@ def test_bad_input_is_dead_lettered_and_the_rest_indexed(sandbox: Sandbox) -> No
         **{
             **rejected_by_opensearch.to_avro(),
             "reasons": (),
-            "indicators": {"": 1.0},  # empty field name: 400
+            "cashier_id": "c" * 40_000,  # a keyword past Lucene's 32 766-byte term limit: 400
         }
     )
+    not_a_name = ScoredTransaction(**{**scored(1, start=901)[0].to_avro(), "indicators": {"": 1.0}})
     produce(
         sandbox,
         sandbox.topic(SCORED_TRANSACTIONS),
         encoded(good, "transaction_id")
         + [(b"junk", b"\x00not avro")]
-        + encoded([rejected_by_opensearch], "transaction_id"),
+        + encoded([rejected_by_opensearch, not_a_name], "transaction_id"),
     )
 
     with running(sandbox.sink()) as sink:
         wait_until(lambda: caught_up(sandbox), "the sink committed past the bad messages")
     assert sandbox.count("transactions") == 20
-    assert sink.stats.dead_lettered == 2
-    letters = {d.error_kind: d for d in dead_letters(sandbox, expected=2)}
-    assert set(letters) == {"not_avro", "opensearch_rejected"}
+    assert sink.stats.dead_lettered == 3
+    letters = {d.error_kind: d for d in dead_letters(sandbox, expected=3)}
+    assert set(letters) == {"not_avro", "opensearch_rejected", "invalid_field"}
     assert letters["not_avro"].payload == b"\x00not avro"
     assert letters["not_avro"].stage == "opensearch-sink"
     assert letters["not_avro"].dead_letter_id.startswith(f"{sandbox.topic(SCORED_TRANSACTIONS)}:")
-    assert "mapper_parsing_exception" in letters["opensearch_rejected"].reason
+    assert "immense term" in letters["opensearch_rejected"].reason
     assert letters["opensearch_rejected"].payload == rejected_by_opensearch.encode()
+    assert letters["invalid_field"].reason.startswith("indicators holds 1 of 1 names that are not a name")
 
 
 def test_sink_rides_out_an_opensearch_outage_without_losing_or_committing(
@@ -671,8 +673,8 @@ def drift_report(version: str, hour_start: int, score_psi: float, rows: int = 50
         rows=rows,
         late_rows=0,
         score_psi=score_psi,
-        feature_psi={"amount": 0.31, "items": 0.02},
-        worst_feature="amount",
+        feature_psi={"amount_log": 0.31, "item_count": 0.02, "retired_feature": 0.01},  # the last: no model's now
+        worst_feature="amount_log",
         worst_psi=0.31,
         alert=score_psi >= 0.25,
         reference_rows=340,
@@ -756,10 +758,15 @@ def test_challenger_scores_labels_and_drift_reports_reach_their_indices(sandbox:
     assert set(drift) == {r.report_id for r in reports}
     assert drift[reemitted.report_id]["rows"] == 520
     assert drift[f"drift:gbm-b:{hour}"]["alert"] is True
-    assert drift[f"drift:gbm-b:{hour}"]["feature_psi"] == {"amount": 0.31, "items": 0.02}
+    assert drift[f"drift:gbm-b:{hour}"]["feature_psi"] == {
+        "amount_log": 0.31,
+        "item_count": 0.02,
+        "retired_feature": 0.01,
+    }
     mapping = sandbox.opensearch.indices.get_mapping(index=f"{sandbox.index_prefix}-model_drift-2023.11.14")
     props = next(iter(mapping.values()))["mappings"]["properties"]
-    assert props["feature_psi"]["properties"]["amount"]["type"] == "double"
+    assert props["feature_psi"]["properties"]["amount_log"]["type"] == "double"
+    assert "retired_feature" not in props["feature_psi"]["properties"]  # kept in the document, not a field of the index
 
     # An older write that reaches OpenSearch late (a consumer that lost the partition, a replay) changes nothing.
     first = Message(

@@ -35,6 +35,7 @@ from jobs.model.predictors import AFD_VARIABLES, FraudDetectorPredictor
 from jobs.model.train import observe_all
 from jobs.scoring.core import SourceRecord
 from jobs.scoring.partitioned import PartitionedCore
+from jobs.scoring.rules import INDICATOR_NAMES
 from jobs.scoring.validation import parse_transaction
 from jobs.scoring.watchlist import Watchlist
 from producers.camera_bridge import Ignored, convert
@@ -56,7 +57,7 @@ from schemas.topics import DEAD_LETTERS
 from sinks.alerts.mail import build_email
 from sinks.alerts.message import case_card, describe
 from sinks.alerts.sender import decode_alert
-from sinks.opensearch.sink import to_actions
+from sinks.opensearch.sink import MAX_NAMES, NAME_RE, NAMED_VALUES, to_actions
 from tests.builders import FACE_LEN, checkout_face, sale
 from tests.strategies import hostile_doubles, hostile_longs, hostile_records, hostile_text
 from tests.unit import test_decision_core as single
@@ -289,7 +290,9 @@ def _job_outputs(rows, prefix: str) -> None:
     refused(DeadLetter.decode(value) for topic, _, value in rows if topic == f"{prefix}dead_letters")
     for topic, _, value in rows:
         if topic == f"{prefix}processed_transactions":
-            finite_and_bounded(codec("ScoredTransaction").decode(value), "decision")
+            decision = codec("ScoredTransaction").decode(value)
+            finite_and_bounded(decision, "decision")
+            assert set(decision["indicators"]) <= INDICATOR_NAMES, decision["indicators"]  # what the index maps
         elif topic == f"{prefix}alerts":
             finite_and_bounded(codec("Alert").decode(value), "alert")
     assert b"tx-2" in [key for topic, key, _ in rows if topic == f"{prefix}processed_transactions"]
@@ -406,6 +409,8 @@ def test_the_opensearch_sink_indexes_or_dead_letters_any_hostile_record(topic) -
         for action in actions:
             json.dumps(action.op, allow_nan=False)  # what the bulk request sends: NaN is no JSON
             finite_and_bounded(action.op.get("_source"), topic, INDEXED_TEXT_MAX)
+            names = action.op.get("_source", {}).get(NAMED_VALUES.get(action.kind, ""), {})
+            assert len(names) <= MAX_NAMES and all(NAME_RE.fullmatch(n) for n in names), len(names)  # no 1,000 fields
 
     check()
 

@@ -270,10 +270,54 @@ def test_a_keyword_of_free_text_past_lucenes_term_limit_is_kept_unindexed_not_re
 
 
 def test_indicators_map_to_doubles_so_dashboards_can_aggregate_them() -> None:
+    """Each name the scoring job writes, and no other: a new key is kept in ``_source``, not added to the mapping."""
+    from jobs.scoring.rules import INDICATOR_NAMES
+
     mappings = load_template("transactions", "cg")["template"]["mappings"]
-    assert mappings["properties"]["indicators"] == {"type": "object", "dynamic": True}
-    dynamic = [next(iter(t.values())) for t in mappings["dynamic_templates"]]
-    assert {(t["path_match"], t["mapping"]["type"]) for t in dynamic} == {("indicators.*", "double")}
+    assert "dynamic_templates" not in mappings
+    indicators = mappings["properties"]["indicators"]
+    assert (indicators["type"], indicators["dynamic"]) == ("object", False)
+    assert indicators["properties"] == {name: {"type": "double"} for name in INDICATOR_NAMES}
+
+
+def test_drift_reports_map_the_psi_of_the_models_features_and_no_other_name() -> None:
+    from jobs.model.drift import TIME_FEATURES
+    from jobs.model.fraud_model import FEATURE_NAMES
+
+    mappings = load_template("model_drift", "cg")["template"]["mappings"]
+    assert "dynamic_templates" not in mappings
+    feature_psi = mappings["properties"]["feature_psi"]
+    assert (feature_psi["type"], feature_psi["dynamic"]) == ("object", False)
+    named = set(FEATURE_NAMES) - set(TIME_FEATURES)  # the features a drift reference has
+    assert feature_psi["properties"] == {name: {"type": "double"} for name in named}
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "names"),
+    [
+        ("transactions", "indicators", {f"ind_{n}": 1.0 for n in range(129)}),
+        ("transactions", "indicators", {"velocity": 1.0, "Velocity": 1.0, "": 1.0, "a.b": 1.0, "<script>": 1.0}),
+        ("transactions", "indicators", {"x" * 65: 1.0}),
+        ("model_drift", "feature_psi", {f"f{n}": 0.1 for n in range(5000)}),
+        ("model_drift", "feature_psi", {"amount_log": 0.1, "amount log": 0.2}),
+    ],
+)
+def test_a_record_whose_named_numbers_would_fill_the_index_mapping_is_dead_lettered_by_count(kind, field, names):
+    """Mapped as they came, every distinct key became a field, until the index's 1,000-field limit refused every
+    document with a new key for the rest of its period. The reason gives counts, never a key (it may be a payload)."""
+    if kind == "transactions":
+        record, topic, key = scored(indicators={"velocity": 2.0}), "processed_transactions", b"tx-1"
+    else:
+        record, topic, key = drift_report(), "model_drift", None
+    good = message(f"{PREFIX}{topic}", record.encode(), key=key)
+    actions, dead = to_actions([good], index_prefix="cg", topic_prefix=PREFIX)
+    assert (len(actions), dead) == (1, [])
+    bad = message(f"{PREFIX}{topic}", replace(record, **{field: names}).encode(), key=key)
+    actions, dead = to_actions([bad], index_prefix="cg", topic_prefix=PREFIX)
+    assert actions == [] and [d.error_kind for d in dead] == ["invalid_field"]
+    reason = dead[0].reason
+    assert reason.startswith(f"{field} holds ") and str(len(names)) in reason
+    assert not any(name in reason for name in names if len(name) > 2), reason
 
 
 @pytest.mark.parametrize(
@@ -590,6 +634,33 @@ def test_replicas_refused_for_good_leave_the_old_indices_as_they_are_and_cluster
         install_templates(Refuses(TransportError(503, "unavailable", {})), "cg", now_ms=NOV_22, replicas=1)  # type: ignore[arg-type]
 
 
+def test_an_index_whose_mapping_is_full_of_named_numbers_stops_mapping_new_names_and_the_sink_starts(caplog) -> None:
+    """Before the templates mapped indicators by name, a writer of many distinct names filled an index's 1,000 fields;
+    the new template's named fields, put on it at the start, were refused too (and the start retried for ever)."""
+    from opensearchpy.exceptions import RequestError
+
+    full = "cg-transactions-2026.11.21"
+
+    class FullIndex(ReplicaCluster):
+        def __init__(self) -> None:
+            super().__init__(OLD_INDICES)
+            self.mapped: list[tuple[str, dict[str, Any]]] = []
+
+        def put_mapping(self, index: str, body: dict[str, Any], **_: Any) -> None:
+            adds_fields = any("properties" in spec for spec in body["properties"].values())
+            if full in index.split(",") and adds_fields:
+                reason = "Limit of total fields [1000] has been exceeded"
+                raise RequestError(400, "illegal_argument_exception", {"error": {"root_cause": [{"reason": reason}]}})
+            self.mapped.append((index, body))
+
+    cluster = FullIndex()
+    install_templates(cluster, "cg", now_ms=NOV_22)  # type: ignore[arg-type]
+    assert (full, {"properties": {"indicators": {"type": "object", "dynamic": False}}}) in cluster.mapped
+    mapped = {name for index, _ in cluster.mapped for name in index.split(",")}
+    assert mapped >= {"cg-alerts-2026.11.21", "cg-transactions-2026.11.22"}  # the others as ever
+    assert f"{full} reached OpenSearch's limit of fields" in caplog.text
+
+
 def test_the_sink_applies_its_replicas_setting_and_the_local_default_changes_nothing() -> None:
     local = Settings(opensearch=OpenSearchSettings())
     assert local.opensearch.replicas == 0  # the local stack's one node can hold no replica
@@ -748,9 +819,6 @@ def test_drift_reports_go_to_the_period_index_of_their_hour_by_report_id() -> No
     assert "version" not in op  # a re-emitted report of the same hour simply overwrites
     assert op["_source"]["feature_psi"] == {"amount": 0.42, "items": 0.02, "velocity_1h": 0.11}
     assert op["_source"]["alert"] is True
-    mappings = load_template("model_drift", "cg")["template"]["mappings"]
-    dynamic = [next(iter(t.values())) for t in mappings["dynamic_templates"]]
-    assert {(t["path_match"], t["mapping"]["type"]) for t in dynamic} == {("feature_psi.*", "double")}
     json.dumps(op["_source"], allow_nan=False)
 
 
