@@ -613,8 +613,6 @@ def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stop
     import threading
     import time
 
-    from infra.settings import Settings
-
     released = threading.Event()
     closed: list[bool] = []
     stopped_at: list[float] = []
@@ -662,12 +660,7 @@ def test_a_transaction_commit_hanging_on_kafka_at_a_stop_is_given_up_by_the_stop
             pass
 
     svc = service(HangingCommit([]))
-    svc.settings = Settings(
-        supervisor={"stop_timeout_s": 2.5},
-        cameras={"bridge_stop_grace_s": 1.0},
-        kafka={"stop_flush_s": 0.5},
-        alerts={"stop_wait_s": 0.2},
-    )
+    svc.settings = _stop_settings()
     svc.consumer = OneRecord()
     svc.core, svc.heartbeat, svc._next_purge, svc._held = Core(), None, float("inf"), {}  # type: ignore[assignment]
     svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
@@ -721,6 +714,51 @@ class _IdleCore:
         pass
 
 
+class _StopProducer(FlakyTransactions):
+    """The stop tests' producer: nothing to initialise or poll; what is produced is recorded in ``calls``."""
+
+    def init_transactions(self, timeout: float) -> None:
+        pass
+
+    def produce(self, topic: str, key: bytes, value: bytes | None, **_headers: Any) -> None:
+        super().produce(topic, key, value)
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+
+def _stop_settings(**fields: Any) -> Any:
+    """The stop tests' settings (and ``fields``): the supervisor's SIGKILL 2.5 s after the SIGTERM, so a call under
+    way is given up by 1.5 s, the other stop waits short."""
+    from infra.settings import Settings
+
+    return Settings(
+        supervisor={"stop_timeout_s": 2.5},
+        cameras={"bridge_stop_grace_s": 1.0},
+        kafka={"stop_flush_s": 0.5},
+        alerts={"stop_wait_s": 0.2},
+        **fields,
+    )
+
+
+def _forget_at_a_stop(settings: Any, core: Any, producer: FlakyTransactions) -> WatchlistService:
+    """A service over ``core`` whose one input is a DPO's forget, its image stores' and Rekognition's calls watched
+    as at a start."""
+    from tests.unit.test_watchlist_service import NOW, command
+
+    svc = service(producer)
+    svc.settings = settings
+    svc.consumer = _OneRecord()
+    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}
+    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
+    forget = command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com")
+    svc.topics = {"commands": lambda _src, _now: core.on_command(forget, NOW)}
+    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
+    svc._watch_rekognition()
+    svc._watch_image_stores()
+    return svc
+
+
 def test_a_rekognition_call_under_way_at_a_stop_is_given_up_by_the_stops_deadline_its_command_uncommitted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -731,7 +769,7 @@ def test_a_rekognition_call_under_way_at_a_stop_is_given_up_by_the_stops_deadlin
     import threading
     import time
 
-    from infra.settings import FaceSettings, Settings
+    from infra.settings import FaceSettings
     from jobs.faces.rekognition import RekognitionFaces
 
     released = threading.Event()
@@ -744,25 +782,13 @@ def test_a_rekognition_call_under_way_at_a_stop_is_given_up_by_the_stops_deadlin
             released.wait(4.0)  # ... which does not answer (botocore's tries and waits)
             return {"Faces": []}
 
-    class Producer(FlakyTransactions):
-        def init_transactions(self, timeout: float) -> None:
-            pass
-
-        def poll(self, timeout: float) -> int:
-            return 0
-
     rekognition = RekognitionFaces(FaceSettings(backend="rekognition"), client=HangingRekognition())
 
     core = _IdleCore()
     core.rekognition = rekognition  # type: ignore[assignment]
-    producer = Producer([])
+    producer = _StopProducer([])
     svc = service(producer)
-    svc.settings = Settings(
-        supervisor={"stop_timeout_s": 2.5},
-        cameras={"bridge_stop_grace_s": 1.0},
-        kafka={"stop_flush_s": 0.5},
-        alerts={"stop_wait_s": 0.2},
-    )
+    svc.settings = _stop_settings()
     svc.consumer = _OneRecord()
     svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}  # type: ignore[assignment]
     svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
@@ -793,9 +819,8 @@ def test_an_s3_call_under_way_at_a_stop_is_given_up_by_the_stops_deadline_its_co
     from pydantic import SecretStr
 
     from infra.clients.image_store import S3ImageStore
-    from infra.settings import Settings
     from jobs.faces.watchlist_service import WatchlistCore
-    from tests.unit.test_watchlist_service import ALLOWED, KEY, NOW, command
+    from tests.unit.test_watchlist_service import ALLOWED, KEY
 
     released = threading.Event()
     stopped_at: list[float] = []
@@ -810,39 +835,16 @@ def test_an_s3_call_under_way_at_a_stop_is_given_up_by_the_stops_deadline_its_co
         def __getattr__(self, _op: str) -> Any:
             return lambda **_kwargs: {}  # every other call answers at once: nothing there
 
-    class Producer(FlakyTransactions):
-        def init_transactions(self, timeout: float) -> None:
-            pass
-
-        def produce(self, topic: str, key: bytes, value: bytes | None, **_headers: Any) -> None:
-            super().produce(topic, key, value)
-
-        def poll(self, timeout: float) -> int:
-            return 0
-
-    settings = Settings(
+    settings = _stop_settings(
         stack_dir=tmp_path,
-        supervisor={"stop_timeout_s": 2.5},
-        cameras={"bridge_stop_grace_s": 1.0},
-        kafka={"stop_flush_s": 0.5},
-        alerts={"stop_wait_s": 0.2},
         faces={"image_store": "s3", "aws_endpoint_url": "http://127.0.0.1:9"},
         webex={"command_signing_key": SecretStr(KEY), "allowed_people": ALLOWED},
     )
     store = S3ImageStore(settings)
     store.s3 = HangingS3()
     core = WatchlistCore(settings, engine=object(), store=store)  # type: ignore[arg-type]  # forget needs no engine
-    producer = Producer([])
-    svc = service(producer)
-    svc.settings = settings
-    svc.consumer = _OneRecord()
-    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}
-    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
-    forget = command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com")
-    svc.topics = {"commands": lambda _src, _now: core.on_command(forget, NOW)}
-    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
-    svc._watch_rekognition()
-    svc._watch_image_stores()
+    producer = _StopProducer([])
+    svc = _forget_at_a_stop(settings, core, producer)
     try:
         with caplog.at_level("WARNING"):
             svc.run()
@@ -867,28 +869,12 @@ def test_a_local_image_stores_file_operation_stuck_at_a_stop_is_given_up_by_the_
 
     from pydantic import SecretStr
 
-    from infra.settings import Settings
     from jobs.faces.watchlist_service import WatchlistCore
     from tests.unit.test_image_store import StuckMount
-    from tests.unit.test_watchlist_service import ALLOWED, KEY, NOW, command
+    from tests.unit.test_watchlist_service import ALLOWED, KEY
 
-    class Producer(FlakyTransactions):
-        def init_transactions(self, timeout: float) -> None:
-            pass
-
-        def produce(self, topic: str, key: bytes, value: bytes | None, **_headers: Any) -> None:
-            super().produce(topic, key, value)
-
-        def poll(self, timeout: float) -> int:
-            return 0
-
-    settings = Settings(
-        stack_dir=tmp_path,
-        supervisor={"stop_timeout_s": 2.5},
-        cameras={"bridge_stop_grace_s": 1.0},
-        kafka={"stop_flush_s": 0.5},
-        alerts={"stop_wait_s": 0.2},
-        webex={"command_signing_key": SecretStr(KEY), "allowed_people": ALLOWED},
+    settings = _stop_settings(
+        stack_dir=tmp_path, webex={"command_signing_key": SecretStr(KEY), "allowed_people": ALLOWED}
     )
     core = WatchlistCore(settings, engine=object())  # type: ignore[arg-type]  # forget needs no engine
     stopped_at: list[float] = []
@@ -898,17 +884,8 @@ def test_a_local_image_stores_file_operation_stuck_at_a_stop_is_given_up_by_the_
         svc.stop()
 
     mount = StuckMount(monkeypatch, tmp_path / "images", on_block=sigterm)
-    producer = Producer([])
-    svc = service(producer)
-    svc.settings = settings
-    svc.consumer = _OneRecord()
-    svc.core, svc.heartbeat, svc._next_purge, svc._held = core, None, float("inf"), {}
-    svc._processing = watchlist_service.metrics.PROCESSING_SECONDS.labels(watchlist_service.PROCESS)
-    forget = command("FORGET", "subj-tx-1", cid="c5", actor="dpo@example.com")
-    svc.topics = {"commands": lambda _src, _now: core.on_command(forget, NOW)}
-    svc.replay = lambda _spec, _apply: 0  # type: ignore[method-assign]
-    svc._watch_rekognition()
-    svc._watch_image_stores()
+    producer = _StopProducer([])
+    svc = _forget_at_a_stop(settings, core, producer)
     mount.stuck.set()  # the mount stops answering; SIGTERM arrives while the forget waits on it
     try:
         with caplog.at_level("WARNING"):
@@ -1005,7 +982,6 @@ def test_a_stop_during_the_start_ends_a_start_up_call_hanging_on_kafka_by_the_st
     import time
 
     from infra.clients import control_topics
-    from infra.settings import Settings
 
     released = threading.Event()
     stopped_at: list[float] = []
@@ -1029,12 +1005,7 @@ def test_a_stop_during_the_start_ends_a_start_up_call_hanging_on_kafka_by_the_st
 
     monkeypatch.setattr(control_topics, "read_control_topics", read)
     svc = service(HangingStart([]))
-    svc.settings = Settings(
-        supervisor={"stop_timeout_s": 2.5},
-        cameras={"bridge_stop_grace_s": 1.0},
-        kafka={"stop_flush_s": 0.5},
-        alerts={"stop_wait_s": 0.2},
-    )
+    svc.settings = _stop_settings()
     svc.consumer = _OneRecord()
     svc.core, svc.heartbeat, svc._next_purge, svc._held = _IdleCore(), None, float("inf"), {}  # type: ignore[assignment]
     svc.topics = {}
