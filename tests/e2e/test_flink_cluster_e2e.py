@@ -337,6 +337,17 @@ def _progress(settings: Settings, job_id: str) -> list:
     return out
 
 
+def _event_time_notes(settings: Settings) -> list[str]:
+    """The cluster's lines from the job's event-time operators (idle at the start, lull releases, late
+    messages): why a run at p = 2 took messages out of event-time order, when it did."""
+    lines: list[str] = []
+    for log_file in sorted(fc.ClusterPaths.of(settings).logs.glob("*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            if "checkoutguard.flink.StepEventTime" in line or "checkoutguard.flink.EventTimeBatcher" in line:
+                lines.append(f"{log_file.name}: {line[:300]}")
+    return lines
+
+
 def _outputs(settings: Settings) -> tuple[set[str], set[tuple[str, int, int]]]:
     """Alert ids, and dead letters as (kind, source partition, source offset): the same on both runs."""
     from schemas.topics import ALERTS, DEAD_LETTERS
@@ -416,8 +427,12 @@ def test_the_partitioned_layout_at_p2_on_the_cluster_decides_exactly_as_at_p1_on
         delete_topics(local)
 
     report = compare(local_docs, cluster_docs, "p1-mini-cluster", "p2-cluster")
+    notes = _event_time_notes(on_cluster)
+    print("the cluster's event-time notes:", *notes, sep="\n")
     assert report.compared == len(expected) and report.only_baseline == report.only_candidate == 0
-    assert (report.changed, report.risk_changed, report.inputs_differ) == (0, 0, 0), report.to_json()[:4000]
+    assert (report.changed, report.risk_changed, report.inputs_differ) == (0, 0, 0), (
+        "\n".join(notes[-20:]) + "\n" + report.to_json()[:4000]
+    )
     by_id = {d["transaction_id"]: d for d in cluster_docs}
     assert [d["reasons"] for d in local_docs] == [by_id[d["transaction_id"]]["reasons"] for d in local_docs]
     assert report.outcomes["baseline"].get("BLOCK", 0) > 0, "the stream blocks something"

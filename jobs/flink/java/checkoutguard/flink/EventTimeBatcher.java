@@ -15,13 +15,17 @@ import java.util.PriorityQueue;
 import org.apache.flink.api.common.state.ListState;
 import org.apache.flink.api.common.state.ListStateDescriptor;
 import org.apache.flink.api.common.typeinfo.PrimitiveArrayTypeInfo;
+import org.apache.flink.metrics.Counter;
 import org.apache.flink.runtime.state.StateInitializationContext;
 import org.apache.flink.runtime.state.StateSnapshotContext;
 import org.apache.flink.streaming.api.operators.AbstractStreamOperator;
 import org.apache.flink.streaming.api.operators.OneInputStreamOperator;
+import org.apache.flink.streaming.api.operators.util.PausableRelativeClock;
 import org.apache.flink.streaming.api.watermark.Watermark;
 import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
 import org.apache.flink.types.Row;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * Holds the messages for one keyed scoring step until the watermark passes their event time, then sends
@@ -33,9 +37,18 @@ import org.apache.flink.types.Row;
  * next batch of its shard, at most {@code maxDelayMs} later. Held messages are operator state (any subtask
  * may send any shard: the step is keyed after this); late ones are sent before every checkpoint barrier.
  * After {@code idleMs} without input, whatever is held goes (in order): a lull decides the last messages
- * even where an upstream watermark stopped short of them.
+ * even where an upstream watermark stopped short of them. That wait is kept on an input-activity clock
+ * that stands still while this task is back-pressured (as Flink's own idleness does), and no lull comes in
+ * the first {@link StepEventTime#STARTUP_GRACE_MS} after its first input (a TaskManager whose
+ * interpreters started later has not sent its first messages yet): a pause of the job's own was a lull on
+ * the wall clock, and what came after it was late.
  *
  * <p>Batch out: shard (Java UTF), then per message its v (int length, bytes).
+ *
+ * <p>Metrics {@code lateMessages} and {@code lullReleases} (and a log line at most once a minute): a late
+ * message is taken out of event-time order, so what a key's steps see may then depend on the parallelism;
+ * a lull release in the middle of a replay means the job's own pauses passed for a lull
+ * ({@code CG_JOB__EVENT_IDLE_MS} too short for the machine).
  */
 public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements OneInputStreamOperator<Row, byte[]> {
     private static final long serialVersionUID = 1L;
@@ -68,6 +81,15 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
     private transient long lastInput;
     private transient boolean lullArmed;
 
+    private static final Logger LOG = LoggerFactory.getLogger(EventTimeBatcher.class);
+    private static final long LOG_EVERY_MS = 60_000L;
+    private transient PausableRelativeClock activity;
+    private transient long startedAt;
+    private transient Counter lateMessages;
+    private transient Counter lullReleases;
+    private transient long lateUnlogged;
+    private transient long lateLoggedAt;
+
     public EventTimeBatcher(int maxRecords, long maxDelayMs, long idleMs) {
         this.maxRecords = Math.max(1, maxRecords);
         this.maxDelayMs = Math.max(0, maxDelayMs);
@@ -98,6 +120,13 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
     @Override
     public void open() throws Exception {
         super.open();
+        activity = new PausableRelativeClock(getProcessingTimeService().getClock());
+        getContainingTask().getEnvironment().getMetricGroup().getIOMetricGroup().registerBackPressureListener(activity);
+        startedAt = Long.MIN_VALUE; // the first input's time: the task runs and one upstream has started
+        lastInput = activity.relativeTimeMillis();
+        lateMessages = getMetricGroup().counter("lateMessages");
+        lullReleases = getMetricGroup().counter("lullReleases");
+        lateLoggedAt = Long.MIN_VALUE / 2;
         if (!held.isEmpty()) {
             armLull(); // restored rows go at the next watermark, or in a lull
         }
@@ -131,7 +160,10 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
         for (int i = 0; i < 8; i++) {
             time = (time << 8) | (value[i] & 0xFF);
         }
-        lastInput = getProcessingTimeService().getCurrentProcessingTime();
+        lastInput = activity.relativeTimeMillis();
+        if (startedAt == Long.MIN_VALUE) {
+            startedAt = lastInput;
+        }
         if (time > watermark) {
             held.add(new Held(time, seq++, shard, value));
             armLull();
@@ -139,6 +171,15 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
         }
         late.computeIfAbsent(shard, s -> new ArrayList<>()).add(value);
         lateCount++;
+        lateMessages.inc();
+        lateUnlogged++;
+        long now = getProcessingTimeService().getCurrentProcessingTime();
+        if (now - lateLoggedAt >= LOG_EVERY_MS) {
+            LOG.warn("{} message(s) behind the watermark taken as they came (the latest {} ms behind)",
+                    lateUnlogged, watermark - time);
+            lateUnlogged = 0;
+            lateLoggedAt = now;
+        }
         if (lateCount >= maxRecords || maxDelayMs == 0) {
             flushLate();
         } else if (!timerArmed) {
@@ -179,10 +220,14 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
             if (held.isEmpty()) {
                 return;
             }
-            if (ts - lastInput < idleMs) {
+            long now = activity.relativeTimeMillis();
+            boolean starting = startedAt != Long.MIN_VALUE && now - startedAt < StepEventTime.STARTUP_GRACE_MS;
+            if (now - lastInput < idleMs || starting) {
                 armLull();
                 return;
             }
+            lullReleases.inc();
+            LOG.info("no input for {} ms: {} held message(s) released", idleMs, held.size());
             Map<String, List<byte[]>> rest = new LinkedHashMap<>();
             while (!held.isEmpty()) {
                 Held h = held.poll();
@@ -191,6 +236,14 @@ public class EventTimeBatcher extends AbstractStreamOperator<byte[]> implements 
             }
             send(rest);
         });
+    }
+
+    @Override
+    public void close() throws Exception {
+        if (activity != null) {
+            getContainingTask().getEnvironment().getMetricGroup().getIOMetricGroup().unregisterBackPressureListener(activity);
+        }
+        super.close();
     }
 
     @Override
