@@ -22,6 +22,14 @@ DEFAULT_GROUP_ID = "checkout-guard-opensearch"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "index_templates"
 
 
+MAX_TERM_BYTES = 32_766
+"""Lucene's limit on one indexed term (UTF-8 bytes): OpenSearch refuses a whole document with a keyword value over it.
+The templates give each keyword field ``ignore_above`` (characters; 8191 of at most 4 bytes each stay under it), so
+such a value stays in ``_source``, unindexed. None where the value is bounded already (a document id, an enum) or must
+be found: a forget finds documents by theirs (``sinks.opensearch.forget.searched_fields``), and the sink refuses a
+record with one over this limit instead."""
+
+
 PERIOD_FORMATS = {"day": "%Y.%m.%d", "month": "%Y.%m"}
 """Suffix of a period index per ``indices.period``; dots keep the name apart from the kind's underscores."""
 SINGLE_SUFFIX = "all"

@@ -506,6 +506,19 @@ SIGHTING_SOURCES = {kind: (subject_field, fields) for kind, subject_field, field
 """Index kind -> (its subject field, the fields that name the matched face observation)."""
 
 
+def searched_fields(route: Route) -> frozenset[str]:
+    """The fields a forget finds ``route``'s documents by (term, terms and exists queries: :func:`erase_query`,
+    :func:`matched_sightings`, :func:`erase_sightings`). Each is indexed whole, with no ``ignore_above`` in its
+    template: a value over it is not indexed, so the forget would miss its document, or the image ref it must remove.
+    The sink refuses a record with one over Lucene's term limit instead (:data:`~schemas.indices.MAX_TERM_BYTES`)."""
+    fields = {subject_field for kind, subject_field, _ in SIGHTING_LINKS if kind == route.kind}
+    if route.subject_field is not None:
+        fields |= {route.subject_field, "transaction_id", *route.face_fields}
+    if route.erased_with_subject:
+        fields |= set(SIGHTING_FIELDS.values())
+    return frozenset(fields)
+
+
 def matched_sightings(
     client: OpenSearch, index_prefix: str, forgets: Sequence[Forget], lifted: Mapping[str, int] | None = None
 ) -> dict[str, list[str]]:

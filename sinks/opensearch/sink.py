@@ -60,7 +60,10 @@ Mappings are ``dynamic: strict``: a field the template does not know is rejected
 guessed into a type dashboards then depend on; a unit test keeps the templates and the Avro schemas in step. The maps
 of named numbers (``indicators``, ``feature_psi``) map the names the code defines as double and keep any other in
 ``_source`` unmapped (``dynamic: false``), and a record whose keys are not names, or too many, is dead-lettered
-``invalid_field`` (:data:`NAMED_VALUES`): mapped as they came, they could fill an index's 1,000 fields.
+``invalid_field`` (:data:`NAMED_VALUES`): mapped as they came, they could fill an index's 1,000 fields. A keyword
+field has ``ignore_above`` (a longer value stays in ``_source``, unindexed, where one over Lucene's term limit made
+OpenSearch refuse the document), but a document id, an enum and a field a forget finds documents by, which is indexed
+whole: a record with one over the limit is dead-lettered ``invalid_field`` (:data:`SEARCHED_FIELDS`).
 
 Only ids, counts and error types are logged: documents can hold personal data.
 
@@ -112,6 +115,7 @@ from schemas.indices import (
     DEFAULT_GROUP_ID,
     FORGOTTEN_SIGHTINGS_KIND,
     HASHED_KIND_SUFFIX,
+    MAX_TERM_BYTES,
     PSEUDONYMOUS_KEY_KINDS,
     ROUTES,
     Route,
@@ -138,6 +142,7 @@ from sinks.opensearch.forget import (
     matched_sightings,
     prune_saved_sightings,
     save_sightings,
+    searched_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -225,10 +230,12 @@ FIELD_LIMIT_REFUSAL = "Limit of total fields"
 
 
 def put_mappings(client: OpenSearch, names: Sequence[str], mappings: dict[str, Any]) -> None:
-    """``mappings`` added to the existing indices ``names`` (put_mapping takes additive changes). An index whose
+    """``mappings`` added to the existing indices ``names`` (put_mapping takes additive changes, and a keyword field's
+    ``ignore_above``). An index whose
     mapping already reached OpenSearch's field limit (its :data:`NAMED_VALUES` mapped as they came, before they were
-    mapped by name) refuses the named fields it lacks, and the sink would never start: it is given only those maps'
-    ``dynamic: false`` instead, which adds no field, so it stops refusing each document with a new name, with a
+    mapped by name) refuses the named fields it lacks, and the sink would never start: it is given the rest of the
+    mapping (``ignore_above`` too) with only ``dynamic: false`` on those maps instead (only that, where it lacks other
+    fields too), which adds no named field, so it stops refusing each document with a new name, with a
     WARNING naming it (the names it lacks stay unmapped there: in ``_source``, not searchable)."""
     try:
         client.indices.put_mapping(index=",".join(names), body=mappings)
@@ -242,7 +249,14 @@ def put_mappings(client: OpenSearch, names: Sequence[str], mappings: dict[str, A
         closed = {n: {"type": "object", "dynamic": False} for n in NAMED_VALUES.values() if n in mappings["properties"]}
         if not closed:
             raise
-        client.indices.put_mapping(index=names[0], body={"properties": closed})
+        try:
+            client.indices.put_mapping(
+                index=names[0], body={**mappings, "properties": {**mappings["properties"], **closed}}
+            )
+        except RequestError as again:
+            if FIELD_LIMIT_REFUSAL not in str(again):
+                raise
+            client.indices.put_mapping(index=names[0], body={"properties": closed})  # it lacks other fields too
         log.warning(
             "%s reached OpenSearch's limit of fields (index.mapping.total_fields.limit): its %s no longer map new "
             "names, and the names the code defines that it lacks stay unmapped there (kept in each document, not "
@@ -702,6 +716,7 @@ def _operation(
     check = RECORD_CHECKS.get(route.kind)
     if check is not None:
         check(record)
+    _check_searched(route, record)
     if forgotten is not None and forgotten.drops(route, record, now_ms):  # before the scrub: an image ref names it
         return None
     if (version_field := VERSIONED_BY.get(route.kind)) is not None:
@@ -891,6 +906,25 @@ def _key_text(message: Message) -> str:
 def _check_label(record: dict[str, Any]) -> None:
     if record.get("label") not in (FRAUD, LEGITIMATE):
         raise _Unusable("invalid_field", "label must be 1 (fraud) or 0 (legitimate)")
+
+
+SEARCHED_FIELDS = {route.kind: sorted(searched_fields(route)) for route in ROUTES}
+"""Per route kind, the fields a forget finds its documents by: indexed whole (no ``ignore_above``)."""
+
+
+def _check_searched(route: Route, record: dict[str, Any]) -> None:
+    """:class:`_Unusable` ``invalid_field`` for a record with a field a forget finds documents by
+    (:data:`SEARCHED_FIELDS`) over Lucene's term limit (:data:`~schemas.indices.MAX_TERM_BYTES`), naming the field and
+    its size, never the value. OpenSearch would refuse the document for it; indexed without it (as ``ignore_above``
+    does), the forget of its subject would not find the document, or not remove its image ref."""
+    for name in SEARCHED_FIELDS.get(route.kind, ()):
+        value = record.get(name)
+        if isinstance(value, str) and (size := len(value.encode())) > MAX_TERM_BYTES:
+            raise _Unusable(
+                "invalid_field",
+                f"{name} is {size} bytes; a forget finds documents by it, so it is indexed whole, and OpenSearch "
+                f"indexes at most {MAX_TERM_BYTES}",
+            )
 
 
 ID_PATTERNS = {"alerts": ALERT_ID_RE}

@@ -17,6 +17,7 @@ from infra.retry import Backoff
 from infra.settings import IndicesSettings, OpenSearchSettings, Settings
 from schemas.codec import latest_versions
 from schemas.indices import (
+    MAX_TERM_BYTES,
     ROUTES,
     default_group_id,
     indexed_customer_key,
@@ -25,7 +26,8 @@ from schemas.indices import (
     period_kind,
     period_of,
 )
-from schemas.records import Alert, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
+from schemas.records import Alert, Case, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
+from sinks.opensearch.forget import SIGHTING_FIELDS, SIGHTING_LINKS, Forget, erase_query, searched_fields
 from sinks.opensearch.sink import (
     DAY_MS,
     TRANSACTION_FACE_FIELDS,
@@ -256,6 +258,109 @@ FREE_TEXT_KEYWORDS = {
 """Keyword fields whose values a record's writer chooses: kind -> field -> the longest value the scoring job lets
 through (0: text it does not bound)."""
 LUCENE_MAX_TERM_BYTES = 32_766
+assert MAX_TERM_BYTES == LUCENE_MAX_TERM_BYTES
+
+
+def keyword_fields(properties: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every keyword field of a mapping's ``properties``, by dotted path: an object's, a text field's ``raw`` too."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, spec in properties.items():
+        if spec.get("type") == "keyword":
+            found[prefix + name] = spec
+        for sub, sub_spec in spec.get("fields", {}).items():
+            if sub_spec.get("type") == "keyword":
+                found[f"{prefix}{name}.{sub}"] = sub_spec
+        found |= keyword_fields(spec.get("properties", {}), f"{prefix}{name}.")
+    return found
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.kind)
+def test_every_keyword_field_past_lucenes_term_limit_is_kept_unindexed_unless_bounded_or_searched_by_a_forget(route):
+    """A 40,000-character ``cashier_id`` (or any keyword without ``ignore_above``) made OpenSearch refuse the whole
+    document: dead-lettered, the decision missing from the dashboard. Each has ``ignore_above`` now, at most 8191
+    characters (4 UTF-8 bytes each stay under the limit), but the document id (the sink refuses one over 512 bytes), an
+    enum (the schema's symbols only) and a field a forget finds documents by: not indexed, the forget would miss it."""
+    schema = json.loads(latest_versions()[route.topic.record_type].path.read_text())
+    enums = {f["name"] for f in schema["fields"] if isinstance(f["type"], dict) and f["type"]["type"] == "enum"}
+    searched = searched_fields(route)
+    fields = keyword_fields(load_template(route.kind, "cg")["template"]["mappings"]["properties"])
+    for name, spec in fields.items():
+        if name in searched:
+            assert "ignore_above" not in spec, name  # indexed whole: the sink bounds it (below)
+        elif name != route.id_field and name not in enums:
+            assert 0 < spec.get("ignore_above", 0) <= LUCENE_MAX_TERM_BYTES // 4, name
+    assert searched <= set(fields)
+
+
+def _fields_named(query: Any) -> set[str]:
+    """The fields a query's ``term``, ``terms`` and ``exists`` clauses name."""
+    if isinstance(query, list):
+        return set().union(*map(_fields_named, query)) if query else set()
+    if not isinstance(query, dict):
+        return set()
+    named = {field for kind in ("term", "terms") for field in query.get(kind, {})}
+    named |= {query["exists"]["field"]} if "exists" in query else set()
+    return named.union(*(_fields_named(v) for k, v in query.items() if k not in ("term", "terms", "exists")))
+
+
+def test_the_fields_a_forget_finds_documents_by_are_those_its_queries_name() -> None:
+    forgets = [Forget("subj-tx-1", "tx-1"), Forget("subj-tx-2", "tx-2")]
+    kinds = {route.kind: route for route in ROUTES}
+    for route in ROUTES:
+        query = erase_query(route, forgets, lifted={"subj-tx-2": 1})
+        assert _fields_named(query) <= searched_fields(route), route.kind
+    for kind, subject_field, _ in SIGHTING_LINKS:
+        assert subject_field in searched_fields(kinds[kind])
+    assert set(SIGHTING_FIELDS.values()) <= searched_fields(kinds["face_observations"])
+
+
+@pytest.mark.parametrize(
+    ("topic", "field", "value"),
+    [
+        ("alerts", "subject_id", "s" * (LUCENE_MAX_TERM_BYTES + 1)),
+        ("alerts", "snapshot_ref", "é" * (LUCENE_MAX_TERM_BYTES // 2 + 1)),  # fewer characters, more bytes
+        ("processed_transactions", "face_subject_id", "s" * 40_000),
+        ("face_observations", "image_ref", "i" * 40_000),
+        ("cases", "reference_image_ref", "r" * 40_000),
+    ],
+)
+def test_a_field_a_forget_finds_documents_by_past_lucenes_term_limit_is_dead_lettered_naming_it(topic, field, value):
+    """Unindexed (``ignore_above``), the forget of the document's subject would not find it, or not remove its image
+    ref; so it stays indexed whole, and the record OpenSearch would refuse is refused here, with its field and size."""
+    records = {
+        "alerts": (alert("a-1"), None),
+        "processed_transactions": (scored("tx-1"), None),
+        "face_observations": (face_observation([0.1] * 128), None),
+        "cases": (
+            Case(
+                case_id="case-0123456789ab",
+                version=1,
+                state="open",
+                kind="WATCHLIST_MATCH",
+                store_id="S1",
+                alert_id="a-1",
+                summary="match",
+                opened_at=1_700_000_000_000,
+                updated_at=1_700_000_000_000,
+                expires_at=1_700_000_900_000,
+                updated_by="case-service",
+                subject_id="subj-tx-9",
+            ),
+            b"case-0123456789ab",
+        ),
+    }
+    record, key = records[topic]
+
+    def indexed(text: str) -> tuple[list[IndexAction], list[DeadLetter]]:
+        spoilt = replace(record, **{field: text})  # type: ignore[type-var]
+        batch = [message(f"{PREFIX}{topic}", spoilt.encode(), key=key)]
+        return to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+
+    actions, dead = indexed("x" * LUCENE_MAX_TERM_BYTES)  # the longest OpenSearch indexes
+    assert (len(actions), dead) == (1, [])
+    actions, dead = indexed(value)
+    assert actions == [] and [d.error_kind for d in dead] == ["invalid_field"]
+    assert dead[0].reason.startswith(f"{field} is {len(value.encode())} bytes") and value[:50] not in dead[0].reason
 
 
 @pytest.mark.parametrize("kind", sorted(FREE_TEXT_KEYWORDS))
@@ -634,28 +739,59 @@ def test_replicas_refused_for_good_leave_the_old_indices_as_they_are_and_cluster
         install_templates(Refuses(TransportError(503, "unavailable", {})), "cg", now_ms=NOV_22, replicas=1)  # type: ignore[arg-type]
 
 
-def test_an_index_whose_mapping_is_full_of_named_numbers_stops_mapping_new_names_and_the_sink_starts(caplog) -> None:
+class MappedCluster(ReplicaCluster):
+    """Records each mapping put on existing indices: ``(index names, body)``."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.mapped: list[tuple[str, dict[str, Any]]] = []
+
+    def put_mapping(self, index: str, body: dict[str, Any], **_: Any) -> None:
+        self.mapped.append((index, body))
+
+
+def test_existing_indices_are_given_ignore_above_at_the_sinks_start_in_place() -> None:
+    """``ignore_above`` is a setting put_mapping changes on an existing keyword field: today's index and those made
+    under the old templates stop refusing a document for one long keyword, without a reindex."""
+    cluster = MappedCluster(OLD_INDICES)
+    install_templates(cluster, "cg", now_ms=NOV_22)  # type: ignore[arg-type]
+    put = {name: body for index, body in cluster.mapped for name in index.split(",")}
+    wanted = {"type": "keyword", "ignore_above": LUCENE_MAX_TERM_BYTES // 4}
+    assert put["cg-transactions-2026.11.21"]["properties"]["cashier_id"] == wanted
+    assert put["cg-alerts-2026.11.21"]["properties"]["store_id"] == wanted
+    assert put["cg-labels-all"]["properties"]["case_id"] == wanted
+    assert "cgx-transactions-2026.11.21" not in put  # another prefix's
+
+
+@pytest.mark.parametrize("lacks_other_fields", [False, True], ids=["made-by-v5", "made-by-v1"])
+def test_an_index_whose_mapping_is_full_of_named_numbers_stops_mapping_new_names_and_the_sink_starts(
+    caplog, lacks_other_fields: bool
+) -> None:
     """Before the templates mapped indicators by name, a writer of many distinct names filled an index's 1,000 fields;
-    the new template's named fields, put on it at the start, were refused too (and the start retried for ever)."""
+    the new template's named fields, put on it at the start, were refused too (and the start retried for ever). It is
+    given the rest of the mapping, ``ignore_above`` included, or only the closed maps where it lacks other fields."""
     from opensearchpy.exceptions import RequestError
 
     full = "cg-transactions-2026.11.21"
 
-    class FullIndex(ReplicaCluster):
-        def __init__(self) -> None:
-            super().__init__(OLD_INDICES)
-            self.mapped: list[tuple[str, dict[str, Any]]] = []
-
+    class FullIndex(MappedCluster):
         def put_mapping(self, index: str, body: dict[str, Any], **_: Any) -> None:
             adds_fields = any("properties" in spec for spec in body["properties"].values())
+            adds_fields |= lacks_other_fields and "challenger_score" in body["properties"]  # added by v2
             if full in index.split(",") and adds_fields:
                 reason = "Limit of total fields [1000] has been exceeded"
                 raise RequestError(400, "illegal_argument_exception", {"error": {"root_cause": [{"reason": reason}]}})
-            self.mapped.append((index, body))
+            super().put_mapping(index, body)
 
-    cluster = FullIndex()
+    cluster = FullIndex(OLD_INDICES)
     install_templates(cluster, "cg", now_ms=NOV_22)  # type: ignore[arg-type]
-    assert (full, {"properties": {"indicators": {"type": "object", "dynamic": False}}}) in cluster.mapped
+    closed = {"type": "object", "dynamic": False}
+    (put,) = [body for index, body in cluster.mapped if index == full]
+    if lacks_other_fields:
+        assert put == {"properties": {"indicators": closed}}
+    else:
+        assert put["properties"]["indicators"] == closed
+        assert put["properties"]["cashier_id"] == {"type": "keyword", "ignore_above": LUCENE_MAX_TERM_BYTES // 4}
     mapped = {name for index, _ in cluster.mapped for name in index.split(",")}
     assert mapped >= {"cg-alerts-2026.11.21", "cg-transactions-2026.11.22"}  # the others as ever
     assert f"{full} reached OpenSearch's limit of fields" in caplog.text
@@ -711,7 +847,7 @@ def test_challenger_score_and_version_are_indexed_beside_the_champion() -> None:
     assert (source["challenger_score"], source["challenger_version"]) == (910, "gbm-b")
     props = load_template("transactions", "cg")["template"]["mappings"]["properties"]
     assert props["challenger_score"] == {"type": "integer"}
-    assert props["challenger_version"] == {"type": "keyword"}
+    assert props["challenger_version"] == {"type": "keyword", "ignore_above": 8191}
     alone, _ = to_actions([message(tx_topic(), scored().encode())], index_prefix="cg", topic_prefix=PREFIX)
     assert alone[0].op["_source"]["challenger_score"] is None  # no challenger loaded
 
