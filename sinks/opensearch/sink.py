@@ -128,7 +128,7 @@ from schemas.indices import (
     period_of,
     single_index_name,
 )
-from schemas.records import FRAUD, LEGITIMATE, DeadLetter
+from schemas.records import FRAUD, LEGITIMATE, DeadLetter, case_text
 from schemas.topics import AUDIT, DEAD_LETTERS
 from sinks.opensearch.forget import (
     EraseReport,
@@ -727,11 +727,29 @@ def _operation(
         raise _Unusable("invalid_field", f"{route.time_field}: {exc}") from None
     drop = () if include_private else route.private_fields
     source = to_document(record, drop)
+    cut_text(source, route)
     pseudonymise(source, route, customer_key_secret)
     if forgotten is not None and forgotten.scrub(route, source):
         forgotten.stripped += 1
     op_type = "create" if never_replaces(route, record) else "index"
     return {"_op_type": op_type, "_index": index, "_id": doc_id, "_source": source, **versioned}
+
+
+CUT_TEXT = {"alerts": ("summary",)}
+"""Per route kind, the free text its index keeps as a case keeps a note (:func:`cut_text`)."""
+
+
+def cut_text(source: dict[str, Any], route: Route) -> None:
+    """The :data:`CUT_TEXT` fields of one document of ``route`` as a case keeps its alert's summary, in place
+    (:func:`~schemas.records.case_text`: no control characters or direction overrides, at most
+    :data:`~schemas.records.MAX_CASE_TEXT` characters; empty when nothing is left). The dashboard's alert page and
+    latest-alerts list show an alert's summary from its index: the jobs write a line of a few hundred characters, and
+    one up to the record limit (256 KiB), or holding a terminal escape or a direction override, was indexed whole. Only
+    the index's copy: the alert on its topic is as it was written."""
+    for name in CUT_TEXT.get(route.kind, ()):
+        value = source.get(name)
+        if isinstance(value, str):
+            source[name] = case_text(value) or ""
 
 
 VERSIONED_BY = {"transactions": "decided_at"}

@@ -26,7 +26,18 @@ from schemas.indices import (
     period_kind,
     period_of,
 )
-from schemas.records import Alert, Case, DeadLetter, FaceObservation, Label, ModelDrift, ScoredTransaction, make_label
+from schemas.records import (
+    MAX_CASE_TEXT,
+    Alert,
+    Case,
+    DeadLetter,
+    FaceObservation,
+    Label,
+    ModelDrift,
+    ScoredTransaction,
+    case_text,
+    make_label,
+)
 from sinks.opensearch.forget import SIGHTING_FIELDS, SIGHTING_LINKS, Forget, erase_query, searched_fields
 from sinks.opensearch.sink import (
     DAY_MS,
@@ -151,6 +162,24 @@ def test_an_alert_id_the_alert_sender_refuses_is_dead_lettered_and_the_rest_inde
     assert [a.doc_id for a in actions] == ["watchlist:e:1"]
     assert [d.error_kind for d in dead] == ["invalid_id"] * len(bad)
     assert all("alert_id" in d.reason and "\x00" not in d.reason for d in dead)
+
+
+def test_an_alerts_summary_is_indexed_as_a_case_keeps_it_cut_and_without_controls() -> None:
+    """The dashboard's alert page and latest-alerts list show the indexed summary: one of 200,000 characters (up to the
+    record limit), a terminal escape or a direction override was indexed whole. Now as its case keeps it (1,000
+    characters at most); the alert on its topic is not the sink's to change."""
+    text = "Possible suspect\x1b[2J \u202eentered\x00 store S1\r\n" + "x" * 200_000
+    record = replace(alert("a-1"), summary=text)
+    batch = [message(f"{PREFIX}alerts", record.encode()), message(f"{PREFIX}alerts", alert("a-2").encode(), offset=1)]
+    actions, dead = to_actions(batch, index_prefix="cg", topic_prefix=PREFIX)
+    assert dead == []
+    summary = actions[0].op["_source"]["summary"]
+    assert summary == case_text(text) and len(summary) == MAX_CASE_TEXT
+    assert summary.startswith("Possible suspect[2J entered store S1\nxxx")
+    assert actions[1].op["_source"]["summary"] == "blocked"  # a usual one as it was
+    only_controls = message(f"{PREFIX}alerts", replace(alert("a-3"), summary="\x1b\u202e\x07").encode())
+    actions, _ = to_actions([only_controls], index_prefix="cg", topic_prefix=PREFIX)
+    assert actions[0].op["_source"]["summary"] == ""
 
 
 def test_replay_within_one_batch_keeps_one_action_with_the_latest_version() -> None:
