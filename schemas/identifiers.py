@@ -218,6 +218,29 @@ def check_actor(value: object, field: str = "actor") -> str:
     raise InvalidRecord("invalid_id", f"{field} is not a command's actor ({_shown(value)}; allowed: {allowed})")
 
 
+IMAGE_KINDS = ("checkout", "entrance", "reference")
+"""What a stored image is of: a checkout or entrance snapshot, or a subject's reference photo (its folder, or the first
+part of its object key, in the image store)."""
+IMAGE_KEY_RE = re.compile(r"[A-Za-z0-9_:@%-][A-Za-z0-9._:@%-]{0,254}")
+"""An image's file or object name: never ``.``/``..`` or hidden (first character), no ``/``, ``\\``, NUL or newline."""
+IMAGE_REF_RE = re.compile(
+    r"(?:file:|s3://[A-Za-z0-9][A-Za-z0-9._-]{0,254}/)(?:" + "|".join(IMAGE_KINDS) + ")/" + IMAGE_KEY_RE.pattern
+)
+"""An image ref as the image store writes it (``infra.clients.image_store``): ``file:<kind>/<key>`` or
+``s3://<bucket>/<kind>/<key>``, a kind of :data:`IMAGE_KINDS` and a key of :data:`IMAGE_KEY_RE`. Any bucket name,
+an old one with capitals or ``_`` too: which buckets a store may read is its settings' say, not a record's."""
+
+
+def check_image_ref(value: object, field: str = "image ref") -> str:
+    """``value`` if it has the shape of an image ref (:data:`IMAGE_REF_RE`), else :class:`InvalidRecord` ``invalid_id``
+    naming the field and the length, never the value. A record copies the ref on (a case, its index, a ``LEARN``
+    command): one the image store could not have written names no image to show, learn from or delete."""
+    if isinstance(value, str) and IMAGE_REF_RE.fullmatch(value):
+        return value
+    allowed = "file:<kind>/<key> or s3://<bucket>/<kind>/<key>, the kind " + " or ".join(IMAGE_KINDS)
+    raise InvalidRecord("invalid_id", f"{field} is not an image ref ({_shown(value)}; allowed: {allowed})")
+
+
 def check_name(value: object, field: str) -> str:
     """A store/lane/cashier name (see :data:`NAME_RE`)."""
     return check(value, field, NAME_RE)

@@ -33,13 +33,14 @@ from infra.clock import now_ms
 from infra.durable import fsync_dir, make_dirs_durably, replace_durably
 from infra.settings import Settings
 from schemas.errors import CheckoutGuardError, InvalidRecord
+from schemas.identifiers import IMAGE_KEY_RE, IMAGE_KINDS
 
 T = TypeVar("T")
 
-KINDS = ("checkout", "entrance", "reference")
+KINDS = IMAGE_KINDS
 PURGEABLE = ("checkout", "entrance")
-_KEY_RE = re.compile(r"[A-Za-z0-9_:@%-][A-Za-z0-9._:@%-]{0,254}")
-"""A file/object name: never ``.``/``..`` or hidden (first character), no ``/``, ``\\``, NUL or newline."""
+_KEY_RE = IMAGE_KEY_RE
+"""A file/object name (:data:`~schemas.identifiers.IMAGE_KEY_RE`, the shape records' refs are checked by too)."""
 INVALID_REF = "invalid_image_ref"
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 """An S3 bucket name: only such a name is quoted in an error (a ref comes in a record, and may be hostile)."""

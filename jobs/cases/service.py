@@ -84,7 +84,7 @@ from jobs.scoring.validation import check_event_time, check_size
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.forgets import Forgets
-from schemas.identifiers import ALERT_ID_RE, check
+from schemas.identifiers import ALERT_ID_RE, check, check_image_ref, check_name, check_text
 from schemas.indices import enrolment_transaction
 from schemas.records import (
     CASE_VERBS,
@@ -285,6 +285,14 @@ class CaseCore:
             for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):
                 if value is not None:
                     check(value, field)
+            # what the case is filed under and copies on (its index, its page, a LEARN command), in the shapes the
+            # pipeline writes them: the scoring job's store names, the watch-list's category labels, the image store's
+            # refs (``kind`` is the schema's enum already). Cut, a store id would file the case under another store
+            check_name(alert.store_id, "store_id")
+            if alert.category is not None:
+                check_text(alert.category, "category")
+            if alert.snapshot_ref is not None:
+                check_image_ref(alert.snapshot_ref, "snapshot_ref")
             # a number the alert sender refuses to show (a NaN similarity, an infinite amount) is refused here too:
             # copied, the case page and the cases index showed it, for an alert no channel sent
             check_alert_numbers(alert.to_avro())

@@ -63,7 +63,7 @@ def alert_src(
         subject_id="subj-a" if kind != "BLOCKED_TRANSACTION" else None,
         category="SUSPECT" if kind != "BLOCKED_TRANSACTION" else None,
         similarity=0.9 if kind != "BLOCKED_TRANSACTION" else None,
-        snapshot_ref="local://checkout/tx-1.jpg" if kind != "BLOCKED_TRANSACTION" else None,
+        snapshot_ref="file:checkout/tx-1.jpg" if kind != "BLOCKED_TRANSACTION" else None,
     )
     return Source("alerts", 0, offset, alert_id.encode(), replace(alert, **fields).encode())
 
@@ -91,13 +91,13 @@ def opened(core: CaseCore, **kw) -> Case:
 
 
 def test_an_alert_opens_one_case_with_the_enrolled_reference_image(core) -> None:
-    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "file:reference/subj-a.jpg")
     core.load_watchlist(b"subj-a", entry.encode())
     case = opened(core)
     assert case.case_id == case_id_for("watchlist:tx-1:subj-a") and case.state == "open"
     assert (case.snapshot_ref, case.reference_image_ref) == (
-        "local://checkout/tx-1.jpg",
-        "local://reference/subj-a.jpg",
+        "file:checkout/tx-1.jpg",
+        "file:reference/subj-a.jpg",
     )
     assert core.on_alert(alert_src(offset=7), NOW) == [], "a redelivered alert opens no second case"
 
@@ -113,7 +113,7 @@ def test_a_signed_confirm_closes_the_face_case_asks_for_a_template_and_labels_no
     assert of(outs, LABELS) == []
     (learn_out,) = of(outs, COMMANDS)
     learn = BotCommand.decode(learn_out.value)
-    assert (learn.verb, learn.argument, learn.actor) == ("LEARN", "subj-a local://checkout/tx-1.jpg", GUARD)
+    assert (learn.verb, learn.argument, learn.actor) == ("LEARN", "subj-a file:checkout/tx-1.jpg", GUARD)
     authenticate_command(learn, learn_out.headers, core.settings.webex, NOW)  # the watchlist service accepts it
     assert core.on_command(command_src("CONFIRM", case.case_id, "m1"), NOW) == [], "a replayed command is a no-op"
 
@@ -339,7 +339,7 @@ def test_a_record_that_does_not_decode_on_cases_or_watchlist_is_skipped_when_sta
     (written by a newer version before a rollback, a stray producer) stopped the case service at every start."""
     case = opened(core)
     restarted = CaseCore(core.settings)
-    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "file:reference/subj-a.jpg")
     with caplog.at_level("WARNING", logger="jobs.cases.service"):
         restarted.load_case(b"case-000000000000", b"not a case record")
         restarted.load_case(b"\xff\xfe", None)  # a tombstone whose key is not text
@@ -347,7 +347,7 @@ def test_a_record_that_does_not_decode_on_cases_or_watchlist_is_skipped_when_sta
         restarted.load_watchlist(b"subj-b", b"not an entry")
         restarted.load_watchlist(b"subj-a", entry.encode())
     assert list(restarted.book.cases) == [case.case_id]
-    assert restarted.references == {"subj-a": "local://reference/subj-a.jpg"}
+    assert restarted.references == {"subj-a": "file:reference/subj-a.jpg"}
     skipped = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
     assert len(skipped) == 2 and "case-000000000000" in skipped[0] and "not a case record" not in skipped[0]
 
@@ -711,7 +711,7 @@ def test_a_forgotten_subject_s_cases_lose_their_image_refs_and_a_later_confirm_a
     buyer was enrolled from, kept the refs and wrote them again with every later version (and a confirm asked the
     watchlist service to learn from a deleted sighting)."""
     entry = WatchlistEntry(
-        "subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg", "tx-enrol"
+        "subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "file:reference/subj-a.jpg", "tx-enrol"
     )
     core.load_watchlist(b"subj-a", entry.encode())
     mine = opened(core)
@@ -746,10 +746,10 @@ def test_an_alert_from_before_its_subject_was_forgotten_read_after_opens_its_cas
     assert (late.snapshot_ref, late.reference_image_ref, late.subject_id) == (None, None, "subj-a")
     stale = case_of(core.on_alert(alert_src("watchlist:tx-4:subj-a", event_time=NOW + 3000), NOW + 3000))
     assert stale.snapshot_ref is None, "a match scored after the forget, of an entry gone, shows no face either"
-    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "file:reference/subj-a.jpg")
     assert core.on_watchlist(Source("watchlist", 0, 6, b"subj-a", entry.encode(), (), NOW + 4000), NOW + 4000) == []
     after = case_of(core.on_alert(alert_src("watchlist:tx-5:subj-a", event_time=NOW + 5000), NOW + 5000))
-    assert after.snapshot_ref == "local://checkout/tx-1.jpg", "a sighting after the subject was enrolled again keeps it"
+    assert after.snapshot_ref == "file:checkout/tx-1.jpg", "a sighting after the subject was enrolled again keeps it"
 
 
 def audit_record(action: str, at: int, subject: str = "subj-a", actor: str = GUARD, outcome: str = "DONE") -> bytes:
@@ -765,7 +765,7 @@ def alert_of(subject: str, tx: str, event_time: int = NOW) -> Source:
 def test_a_subject_forgotten_before_a_restart_stays_forgotten_until_it_is_enrolled_again(core) -> None:
     """The forget was kept only in memory: after a restart (the tombstone compacted away, or its offset committed),
     an alert from before the forget, not read yet, opened its case with the forgotten person's images."""
-    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "file:reference/subj-a.jpg")
     core.load_watchlist(b"subj-a", entry.encode())  # the entry as the compacted topic holds it: enrolled again
     core.load_audit(b"command:e2", audit_record("ENROLL", NOW + 4000))  # read first: another audit partition
     core.load_audit(b"command:f1", audit_record("FORGET", NOW + 1000))
@@ -776,11 +776,11 @@ def test_a_subject_forgotten_before_a_restart_stays_forgotten_until_it_is_enroll
     late = case_of(core.on_alert(alert_src(), NOW + 9000))
     assert (late.snapshot_ref, late.reference_image_ref, late.subject_id) == (None, None, "subj-a")
     new = case_of(core.on_alert(alert_of("subj-a", "tx-5", NOW + 5000), NOW + 9000))
-    assert (new.snapshot_ref, new.reference_image_ref) == ("local://checkout/tx-1.jpg", "local://reference/subj-a.jpg")
+    assert (new.snapshot_ref, new.reference_image_ref) == ("file:checkout/tx-1.jpg", "file:reference/subj-a.jpg")
     sale = case_of(core.on_alert(alert_of("subj-b", "tx-9"), NOW + 9000))
     assert sale.snapshot_ref is None, "the enrolment sale's alert shows the buyer forgotten"
     for subject in ("subj-y", "subj-z"):  # a case's expiry, a failed forget: nobody was forgotten
-        assert case_of(core.on_alert(alert_of(subject, "tx-8"), NOW + 9000)).snapshot_ref == "local://checkout/tx-1.jpg"
+        assert case_of(core.on_alert(alert_of(subject, "tx-8"), NOW + 9000)).snapshot_ref == "file:checkout/tx-1.jpg"
 
     core.load_audit(b"command:f3", audit_record("FORGET", NOW + 6000))  # forgotten again: the new entry too
     assert case_of(core.on_alert(alert_of("subj-a", "tx-6", NOW + 5500), NOW + 9000)).snapshot_ref is None
@@ -790,7 +790,7 @@ def test_a_subject_forgotten_while_the_service_was_away_loses_its_held_cases_ima
     """Its tombstone was never read (compacted away, or before the group's offsets): the cases read back from
     ``cases`` kept the forgotten person's image refs, wrote them again with every later version, and a confirm
     asked the watchlist service to learn from the deleted sighting."""
-    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "local://reference/subj-a.jpg")
+    entry = WatchlistEntry("subj-a", "SUSPECT", [[0.0] * 4], "fraud", GUARD, NOW, "file:reference/subj-a.jpg")
     core.load_watchlist(b"subj-a", entry.encode())
     held = opened(core)
     sale = case_of(core.on_alert(alert_of("subj-b", "tx-9"), NOW))

@@ -41,6 +41,7 @@ from jobs.scoring.watchlist import Watchlist
 from producers.camera_bridge import Ignored, convert
 from schemas.codec import codec, json_safe
 from schemas.errors import INTERNAL_ERROR, InvalidRecord
+from schemas.identifiers import check_image_ref, check_name, check_text
 from schemas.records import (
     MAX_CASE_TEXT,
     Alert,
@@ -152,7 +153,7 @@ def _alert(at: int) -> dict[str, Any]:
         subject_id="subj-a",
         category="SUSPECT",
         similarity=91.5,
-        snapshot_ref="local://checkout/tx-1.jpg",
+        snapshot_ref="file:checkout/tx-1.jpg",
         match_threshold=50.9,
     ).to_avro()
 
@@ -195,7 +196,7 @@ def _case(at: int) -> dict[str, Any]:
         "subject_id": "subj-a",
         "category": "SUSPECT",
         "similarity": 91.5,
-        "snapshot_ref": "local://checkout/tx-1.jpg",
+        "snapshot_ref": "file:checkout/tx-1.jpg",
         "reference_image_ref": None,
         "subject_false_matches": 0,
         "fraud_label": None,
@@ -507,6 +508,10 @@ def test_the_case_service_opens_a_case_or_refuses_any_hostile_alert_and_takes_th
             case = codec("Case").decode(out.value)
             finite_and_bounded(case, "case", CASE_RECORD_MAX)  # every number finite: a NaN similarity is refused
             assert len(case["summary"]) <= MAX_CASE_TEXT, len(case["summary"])  # cut as a note is
+            check_name(case["store_id"], "store_id")  # the alert's own ids, as the pipeline writes them, or no case
+            for field, check_field in (("category", check_text), ("snapshot_ref", check_image_ref)):
+                if case[field] is not None:
+                    check_field(case[field], field)
 
 
 @FAST
