@@ -84,7 +84,7 @@ from jobs.scoring.validation import check_event_time, check_size
 from schemas.codec import DecodeError
 from schemas.errors import InvalidRecord
 from schemas.forgets import Forgets
-from schemas.identifiers import ALERT_ID_RE, check, check_image_ref, check_name, check_text
+from schemas.identifiers import ALERT_ID_RE, TEXT_MAX, check, check_image_ref, check_name
 from schemas.indices import enrolment_transaction
 from schemas.records import (
     CASE_VERBS,
@@ -96,6 +96,7 @@ from schemas.records import (
     BotCommand,
     Case,
     WatchlistEntry,
+    case_text,
     check_alert_numbers,
     dead_letter,
     dead_letter_headers,
@@ -222,6 +223,30 @@ class CaseCore:
         or a command re-read from that far back (a consumer-offset reset) is skipped, not acted on again."""
         return now_ms - int(self.settings.cases.retain_decided_days * DAY_MS)
 
+    @staticmethod
+    def _displayable(alert: Alert) -> Alert:
+        """``alert`` with what its case copies onto its index, page and a LEARN command in a shape they take: its
+        category a label (no control characters or direction overrides, at most 128 characters: ``check_text``'s), its
+        snapshot ref one the image store writes (:func:`~schemas.identifiers.check_image_ref`), else none (a WARNING
+        names the alert and the ref's length, never the ref). Both were copied as they came (200 000 characters, a
+        terminal escape); refusing the alert instead would leave a watch-list hit or a block without its case."""
+        category, ref = alert.category, alert.snapshot_ref
+        if category is not None:
+            category = " ".join((case_text(category) or "").split())[:TEXT_MAX] or None
+        if ref is not None:
+            try:
+                check_image_ref(ref, "snapshot_ref")
+            except InvalidRecord:
+                log.warning(
+                    "alert %s: its snapshot_ref (%d characters) is no image ref: its case opens without it",
+                    alert.alert_id,
+                    len(ref),
+                )
+                ref = None
+        if (category, ref) == (alert.category, alert.snapshot_ref):
+            return alert
+        return dataclasses.replace(alert, category=category, snapshot_ref=ref)
+
     def past_horizon(self, src: Source, now_ms: int) -> bool:
         if src.written_at is None or src.written_at >= self.horizon(now_ms):
             return False
@@ -285,14 +310,9 @@ class CaseCore:
             for value, field in ((alert.transaction_id, "transaction_id"), (alert.subject_id, "subject_id")):
                 if value is not None:
                     check(value, field)
-            # what the case is filed under and copies on (its index, its page, a LEARN command), in the shapes the
-            # pipeline writes them: the scoring job's store names, the watch-list's category labels, the image store's
-            # refs (``kind`` is the schema's enum already). Cut, a store id would file the case under another store
+            # what the case is filed under, in the shape the scoring job takes store names (``kind`` is the schema's
+            # enum already): cut, a store id would file the case under another store
             check_name(alert.store_id, "store_id")
-            if alert.category is not None:
-                check_text(alert.category, "category")
-            if alert.snapshot_ref is not None:
-                check_image_ref(alert.snapshot_ref, "snapshot_ref")
             # a number the alert sender refuses to show (a NaN similarity, an infinite amount) is refused here too:
             # copied, the case page and the cases index showed it, for an alert no channel sent
             check_alert_numbers(alert.to_avro())
@@ -302,6 +322,7 @@ class CaseCore:
         if self.past_horizon(src, now_ms):
             return []
         metrics.RECORDS_IN.labels(PROCESS, "alert").inc()
+        alert = self._displayable(alert)
         reference = self.references.get(alert.subject_id or "") if alert.kind in FACE_ALERT_KINDS else None
         if self.forgets.reaches(alert.subject_id, alert.transaction_id, alert.event_time):  # images went with it
             alert, reference = dataclasses.replace(alert, snapshot_ref=None), None
