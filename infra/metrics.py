@@ -500,6 +500,14 @@ def read_lags(settings: Settings, timeout: float = 5.0) -> list[PartitionLag]:
     ends: dict[tuple[str, int], int] = {}
     with kafka_clients.admin_session(settings) as admin:
         groups = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
+        if groups.errors and not groups.valid:
+            # librdkafka's own request timeout can end the listing first: a result of errors alone, not an
+            # exception, and an unreachable Kafka read as one without consumer groups (no lag at all)
+            raise KafkaException(groups.errors[0])
+        if groups.errors:
+            log.warning(
+                "consumer groups listed in part (%d broker error(s)): lags of the rest only", len(groups.errors)
+            )
         pending_groups = {
             listing.group_id: admin.list_consumer_group_offsets(
                 [ConsumerGroupTopicPartitions(listing.group_id)], request_timeout=timeout
